@@ -1,0 +1,1 @@
+"""Ray job submission, cluster definitions and the end-to-end run."""

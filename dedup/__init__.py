@@ -1,0 +1,1 @@
+"""Eval-set near-duplicate removal: perceptual-hash index, fast search, verification, audit."""

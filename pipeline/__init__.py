@@ -1,0 +1,1 @@
+"""Object storage -> Parquet shards (``vitray shard``) -> training batches (reader)."""

@@ -1,0 +1,123 @@
+"""Robust image decoding shared by sharding, dedup indexing and the training reader.
+
+``decode`` turns encoded bytes into an 8-bit RGB ``PIL.Image`` as a person would
+see it (EXIF rotation applied, first frame of animations, transparency flattened
+onto white, CMYK/16-bit/palette converted), or raises :class:`ImageError` with a
+short machine-groupable reason. It never returns a half-decoded image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own default bomb limit, made explicit and configurable
+
+# EXIF orientations 5..8 swap width and height when displayed.
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+
+
+class ImageError(Exception):
+    """An input that is not a usable image. ``reason`` starts with a short kind, e.g. ``corrupt: ...``."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclasses.dataclass
+class Decoded:
+    image: Image.Image
+    """8-bit RGB, displayed orientation; possibly reduced scale if a draft size was asked for."""
+    width: int
+    """Displayed width of the full-resolution image (after EXIF rotation), in pixels."""
+    height: int
+    format: str
+    """Encoded format as PIL names it: JPEG, PNG, WEBP, GIF, ..."""
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open (header only) with clear errors for empty, non-image and oversized inputs."""
+    if len(data) == 0:
+        raise ImageError("empty: zero-byte object")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError("not an image: unrecognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"decompression bomb: {exc}") from None
+    except Exception as exc:  # malformed headers raise a zoo of exception types
+        raise ImageError(f"corrupt: cannot read header ({type(exc).__name__}: {exc})") from None
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"corrupt: invalid size {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageError(f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+    return im
+
+
+def displayed_size(im: Image.Image) -> tuple[int, int]:
+    """Full-resolution (width, height) after EXIF rotation."""
+    w, h = im.size
+    try:
+        orientation = im.getexif().get(0x0112)
+    except Exception:
+        orientation = None
+    return (h, w) if orientation in _TRANSPOSED_ORIENTATIONS else (w, h)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparency is flattened onto white."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit greyscale: PIL's convert("L") would clip at 255; scale instead.
+        arr = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if im.mode == "F":
+        arr = np.asarray(im)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        arr = np.nan_to_num((arr - lo) * scale).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Decoded:
+    """Decode ``data`` to displayed-orientation RGB.
+
+    draft_size: if set and the image is a JPEG, decode at the smallest DCT scale
+        (1/2, 1/4, 1/8) that keeps both sides >= ``draft_size`` pixels. Much faster
+        for large photos; the returned ``width``/``height`` are still full-resolution.
+    """
+    im = open_image(data, max_pixels)
+    fmt = im.format or "UNKNOWN"
+    width, height = displayed_size(im)
+    try:
+        if getattr(im, "n_frames", 1) > 1:
+            im.seek(0)  # animations: the first frame is the sample
+        if draft_size and fmt == "JPEG":
+            im.draft("RGB" if im.mode in ("RGB", "YCbCr") else im.mode, (draft_size, draft_size))
+        im.load()
+        im = ImageOps.exif_transpose(im) or im
+        rgb = to_rgb(im)
+        rgb.load()
+    except ImageError:
+        raise
+    except Exception as exc:  # truncated / corrupt streams: OSError, SyntaxError, ValueError, ...
+        raise ImageError(f"corrupt: {type(exc).__name__}: {exc}") from None
+    return Decoded(image=rgb, width=width, height=height, format=fmt)

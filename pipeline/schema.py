@@ -1,0 +1,85 @@
+"""The shard format: the contract between ``vitray shard``, dedup and the training reader.
+
+A shard directory holds::
+
+    shard-00000.parquet ...      one Parquet file per planned task (rows in source order)
+    _manifest.json               written last: counts, schema version, config, per-shard rows + checksums
+    _failures.parquet            (source, reason) for every input that could not be sharded
+    _state/                      per-shard completion markers used for resume (internal)
+
+Row columns (see ``SHARD_SCHEMA``): a stable ``sample_id`` derived from the source
+location, the source URI, labels, displayed width/height, the encoded format, the
+SHA-256 of the original bytes, 64-bit pHash/dHash as unsigned integers (computed
+once here so dedup never decodes the corpus), and the (optionally re-encoded) image
+bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "_manifest.json"
+FAILURES_NAME = "_failures.parquet"
+
+SHARD_SCHEMA = pa.schema([
+    pa.field("sample_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("label", pa.int64(), nullable=True),
+    pa.field("labels", pa.list_(pa.int64()), nullable=True),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("format", pa.string(), nullable=False),
+    pa.field("sha256", pa.string(), nullable=False),
+    pa.field("phash", pa.uint64(), nullable=False),
+    pa.field("dhash", pa.uint64(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),
+])
+
+FAILURE_SCHEMA = pa.schema([
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+])
+
+# Columns a consumer that never decodes (dedup's hash stage) reads.
+HASH_COLUMNS = ["sample_id", "source", "sha256", "phash", "dhash", "width", "height"]
+
+
+def sample_id(source: str) -> str:
+    """Stable id of a sample: a function of its source location only (32 hex chars).
+
+    ``source`` is the canonical location string, e.g. ``s3://bucket/a/b.jpg``,
+    ``s3://bucket/shard.tar#key.jpg`` or ``/data/x.parquet#row=12``.
+    """
+    return hashlib.blake2b(source.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def table_from_rows(rows: list[dict]) -> pa.Table:
+    """Rows (dicts with the SHARD_SCHEMA columns) -> a table with the exact schema."""
+    return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
+
+
+def parquet_bytes(table: pa.Table, row_group_rows: int = 256) -> bytes:
+    """Serialise a shard table. Small row groups let the reader fetch rows selectively."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=row_group_rows, compression="zstd",
+                   # image bytes are already compressed; dictionary-encoding them wastes time
+                   use_dictionary=["source", "format"])
+    return buf.getvalue()
+
+
+def checksum(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def dumps_manifest(manifest: dict) -> bytes:
+    return json.dumps(manifest, indent=2, sort_keys=True).encode()

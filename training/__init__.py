@@ -1,0 +1,1 @@
+"""ViT models, Ray Train pretraining and fine-tuning, checkpoints that resume exactly."""

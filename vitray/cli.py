@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+import vitray
 from vitray.config import ConfigError
 
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="vitray", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"vitray {vitray.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (pipeline_cli, dedup_cli, training_cli, cluster_cli):
         module.register(sub)

@@ -1,0 +1,410 @@
+"""Ingest benchmarks on the real photos of ../shared/data/photos.parquet, measured side by side.
+
+1. `vitray shard` throughput per core (2 Ray workers on 2 cores) vs a plain
+   single-process loop doing the same per-image work (read, sha256, hash decode +
+   pHash/dHash, optional re-encode, Parquet write), with the corpus served from a
+   local directory and from an S3 server on loopback (moto, in a subprocess so it
+   does not share the loop's GIL). Target: overhead = plain/core / shard/core - 1
+   <= 25%. A "naive" loop (hash_bytes, then a full decode for the re-encode) shows
+   what the reduced-scale decode saves.
+2. The training reader's decode+augment comparison (``benchmarks/reader_bench.py``
+   ``run(photos) -> str``), when that file exists.
+3. Peak memory (RSS of the driver and every Ray process, sampled; object-store
+   bytes used) of shard runs over corpora 1x and 3.5x the configured object store.
+
+    .venv/bin/python benchmarks/ingest.py [--repeat 3] [--reps 2] [--skip-reader] [--skip-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["RAY_AUTH_MODE"] = "disabled"
+# Fake credentials for the loopback S3 server only.
+os.environ["AWS_ACCESS_KEY_ID"] = "bench-key"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "bench-secret"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_var, None)
+
+import psutil  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PHOTOS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data", "photos.parquet")
+MiB = 1024 * 1024
+WORKERS = 2
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- corpora
+
+def load_photos() -> list[dict]:
+    return pq.read_table(PHOTOS, columns=["filename", "label_name", "image"]).to_pylist()
+
+
+def corpus_files(photos: list[dict], repeat: int) -> dict[str, bytes]:
+    """ImageFolder layout, each photo ``repeat`` times under different names."""
+    out = {}
+    for k in range(repeat):
+        for p in photos:
+            label = p["label_name"].split(":")[0] if ":" in p["label_name"] else "other"
+            out[f"{label}/{k}_{p['filename']}"] = p["image"]
+    return out
+
+
+def write_local(root: str, files: dict[str, bytes]) -> str:
+    for rel, data in files.items():
+        os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+        with open(os.path.join(root, rel), "wb") as f:
+            f.write(data)
+    return root
+
+
+class MotoS3:
+    """moto's S3 server on a loopback port, in its own process."""
+
+    def __init__(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("moto server did not start")
+
+    def upload(self, bucket: str, files: dict[str, bytes]) -> str:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from vitray.storage import StorageOptions, boto3_client
+
+        client = boto3_client(StorageOptions(endpoint_url=self.endpoint))
+        client.create_bucket(Bucket=bucket)
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda kv: client.put_object(Bucket=bucket, Key=f"corpus/{kv[0]}", Body=kv[1]),
+                          files.items()))
+        return f"s3://{bucket}/corpus"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+# ---------------------------------------------------------------- (1) throughput
+
+def plain_loop(src: str, dst: str, options, max_side: int | None, target_bytes: int, naive: bool = False,
+               part: int = 0, parts: int = 1) -> int:
+    """One process, no Ray: list, read, encode each image, write Parquet shards. Returns images written.
+
+    ``part``/``parts``: handle every ``parts``-th file only (for the two-process reference).
+    """
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    from vitray import storage
+    from vitray.pipeline import hashes, images, schema, shard_task
+
+    fs, root = storage.resolve(src, options)
+    dfs, droot = storage.resolve(dst, options)
+    rows, size, n_shards, written = [], 0, 0, 0
+
+    def flush():
+        nonlocal rows, size, n_shards
+        if rows:
+            name = f"part{part}-{schema.shard_name(n_shards)}"
+            storage.write_bytes_atomic(dfs, f"{droot}/{name}", schema.parquet_bytes(schema.table_from_rows(rows)))
+            n_shards += 1
+        rows, size = [], 0
+
+    for i, info in enumerate(storage.list_files(fs, root)):
+        if i % parts != part:
+            continue
+        data = storage.read_bytes(fs, info.path)
+        source = storage.to_uri(fs, info.path)
+        try:
+            if naive:  # hash, then a separate full-resolution decode for the re-encode
+                ph, dh = hashes.hash_bytes(data)
+                fields = {"sha256": hashlib.sha256(data).hexdigest(), "phash": ph, "dhash": dh}
+                d = images.decode(data)
+                im, (w, h) = d.image, (d.width, d.height)
+                if max_side and min(w, h) > max_side:
+                    s = max_side / min(w, h)
+                    im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC)
+                    buf = io.BytesIO()
+                    im.save(buf, "JPEG", quality=90)
+                    data = buf.getvalue()
+                fields.update(width=im.width, height=im.height, format="JPEG", image=data)
+            else:
+                fields = shard_task.encode_sample(data, images.DEFAULT_MAX_PIXELS, max_side, 90)
+        except images.ImageError:
+            continue
+        rows.append({"sample_id": schema.sample_id(source), "source": source, "label": None, "labels": None,
+                     **fields})
+        size += info.size
+        written += 1
+        if size >= target_bytes:
+            flush()
+    flush()
+    return written
+
+
+def _plain_part(args: tuple) -> tuple[int, float]:
+    """(images written, CPU seconds) of one plain loop in a pool process."""
+    t0 = time.process_time()
+    n = plain_loop(*args)
+    return n, time.process_time() - t0
+
+
+def tree_cpu(exclude: set[int]) -> float:
+    """User+system CPU seconds of this process and its descendants (Ray's processes), minus ``exclude``."""
+    me = psutil.Process()
+    total = 0.0
+    for p in [me] + me.children(recursive=True):
+        if p.pid in exclude:
+            continue
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def shard_run(src: str, dst: str, options, max_side: int | None, target_bytes: int) -> int:
+    from vitray.pipeline.shard import ShardConfig, run_shard
+
+    cfg = ShardConfig(src=src, dst=dst, storage=options, max_side=max_side, target_shard_bytes=target_bytes,
+                      concurrency=WORKERS, max_failure_fraction=1.0)
+    return run_shard(cfg).counts["written"]
+
+
+def timed(fn, *args) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    n = fn(*args)
+    return time.perf_counter() - t0, n
+
+
+def throughput(photos: list[dict], repeat: int, reps: int, tmp: str) -> str:
+    import multiprocessing
+
+    import ray
+
+    from vitray.storage import StorageOptions
+
+    files = corpus_files(photos, repeat)
+    total_mb = sum(map(len, files.values())) / MiB
+    log(f"corpus: {len(files)} images, {total_mb:.0f} MiB; writing local copy and uploading to moto")
+    local_src = write_local(os.path.join(tmp, "corpus"), files)
+    s3 = MotoS3()
+    pool = multiprocessing.get_context("spawn").Pool(WORKERS)
+    try:
+        s3_src = s3.upload("bench", files)
+        s3_opts = StorageOptions(endpoint_url=s3.endpoint)
+        ray.init(address="local", num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        # address="local": a new runtime even if another Ray cluster runs on this host.
+        # Warm both sides (process start + imports) so they time steady-state work.
+        warm = write_local(os.path.join(tmp, "warm"), dict(list(files.items())[:8]))
+        shard_run(warm, os.path.join(tmp, "warm-out"), StorageOptions(), None, 1)
+        pool.map(_plain_part, [(warm, os.path.join(tmp, "warm-plain"), StorageOptions(), None, 1 << 30, False, i,
+                                WORKERS) for i in range(WORKERS)])
+        target = 8 * MiB
+        exclude = {s3.proc.pid} | {p.pid for p in pool._pool}  # not Ray's: moto, the plain-loop pool
+        lines = [f"(1) shard throughput: {len(files)} real photos ({total_mb:.0f} MiB = {repeat}x the 462), "
+                 f"{target // MiB} MiB shards, {WORKERS} Ray workers, {psutil.cpu_count()} cores "
+                 f"(load average {os.getloadavg()[0]:.1f} at start); best of {reps}",
+                 f"    {'':<16}|{'wall clock: images/s per core':^42}|{'CPU time: images/CPU-s':^30}|",
+                 f"    {'source max_side':<16}|{'plain':>8}{'plain x2':>10}{'shard':>8}{'overhead':>10}{'(x2)':>6}|"
+                 f"{'plain':>8}{'shard':>8}{'overhead':>10}{'':>4}|{'naive':>7}"]
+        for name, src, opts in (("local", local_src, StorageOptions()), ("s3", s3_src, s3_opts)):
+            for max_side in (None, 256):
+                best = {k: 0.0 for k in ("plain", "plain2", "shard", "naive", "cpu_plain", "cpu_shard")}
+                for rep in range(reps):
+                    for kind in ("plain", "shard", "plain2") + (("naive",) if max_side else ()):
+                        dst = os.path.join(tmp, f"out-{name}-{max_side}-{kind}-{rep}")
+                        t0, c0 = time.perf_counter(), time.process_time()
+                        if kind == "shard":
+                            c0 = tree_cpu(exclude)
+                            n = shard_run(src, dst, opts, max_side, target)
+                            cpu = tree_cpu(exclude) - c0
+                        elif kind == "plain2":
+                            parts = pool.map(_plain_part, [(src, dst, opts, max_side, target, False, i, WORKERS)
+                                                           for i in range(WORKERS)])
+                            n, cpu = sum(p[0] for p in parts), sum(p[1] for p in parts)
+                        else:
+                            n = plain_loop(src, dst, opts, max_side, target, kind == "naive")
+                            cpu = time.process_time() - c0
+                        secs = time.perf_counter() - t0
+                        rate = n / secs / (WORKERS if kind in ("shard", "plain2") else 1)
+                        best[kind] = max(best[kind], rate)
+                        if kind in ("plain", "shard"):
+                            best[f"cpu_{kind}"] = max(best[f"cpu_{kind}"], n / cpu)
+                        shutil.rmtree(dst, ignore_errors=True)
+                        log(f"{name} max_side={max_side} {kind}: {n} images in {secs:.2f} s, {cpu:.2f} CPU-s "
+                            f"({rate:.1f}/s/core; load {os.getloadavg()[0]:.1f})")
+                b = best
+                naive = f"{b['naive']:>7.1f}" if max_side else f"{'-':>7}"
+                over, over2 = 100 * (b["plain"] / b["shard"] - 1), 100 * (b["plain2"] / b["shard"] - 1)
+                over_cpu = 100 * (b["cpu_plain"] / b["cpu_shard"] - 1)
+                head = f"    {name:<6}{str(max_side):>9} |"
+                lines.append(f"{head}{b['plain']:>8.1f}{b['plain2']:>10.1f}{b['shard']:>8.1f}"
+                             f"{over:>9.1f}%{over2:>5.0f}%|{b['cpu_plain']:>8.1f}{b['cpu_shard']:>8.1f}"
+                             f"{over_cpu:>9.1f}%{'':>4}|{naive}")
+        lines += ["    overhead = plain / shard - 1 (target <= 25%): wall clock against one plain process,",
+                  "    (x2) against the same loop split over 2 processes. CPU time counts every Ray process",
+                  "    (driver, GCS, raylet, workers): robust to other load on a shared host, blind to idle cores.",
+                  "    Shard time includes planning, Ray Data scheduling, markers, failures file and manifest.",
+                  "    naive = plain loop with hash_bytes + a second full-resolution decode for the re-encode.",
+                  "    s3 = moto on loopback (its CPU is excluded from CPU time but shares the cores)."]
+        return "\n".join(lines)
+    finally:
+        pool.terminate()
+        ray.shutdown()
+        s3.stop()
+
+
+# ---------------------------------------------------------------- (3) memory
+
+class MemorySampler(threading.Thread):
+    """Peak summed RSS of this process and all its descendants (Ray's GCS, raylet, workers)."""
+
+    def __init__(self, interval: float = 0.1):
+        import ray
+
+        super().__init__(daemon=True)
+        self.gcs_address = ray.get_runtime_context().gcs_address
+        self.interval, self.peak_rss, self.peak_store = interval, 0, 0
+        self.peak_proc = 0
+        self.store_error = None
+        self._stop_event = threading.Event()
+
+    def run(self):
+        me = psutil.Process()
+        state, tick = None, 0
+        while not self._stop_event.is_set():
+            total = 0
+            for p in [me] + me.children(recursive=True):
+                try:
+                    rss = p.memory_info().rss
+                except psutil.Error:
+                    continue
+                total += rss
+                self.peak_proc = max(self.peak_proc, rss)
+            self.peak_rss = max(self.peak_rss, total)
+            if tick % 5 == 0:
+                try:
+                    from ray._private import internal_api
+
+                    state = state or internal_api.get_state_from_address(self.gcs_address)
+                    reply = internal_api.get_memory_info_reply(state)
+                    self.peak_store = max(self.peak_store, reply.store_stats.object_store_bytes_used)
+                except Exception as exc:  # private API: report, don't die
+                    self.store_error = repr(exc)
+            tick += 1
+            self._stop_event.wait(self.interval)
+
+    def stop(self):
+        self._stop_event.set()
+        self.join()
+
+
+def memory(photos: list[dict], tmp: str, store_mb: int = 100) -> str:
+    import ray
+
+    from vitray.storage import StorageOptions
+
+    ray.init(address="local", num_cpus=WORKERS, object_store_memory=store_mb * MiB, include_dashboard=False,
+             log_to_driver=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    photo_mb = sum(len(p["image"]) for p in photos) / MiB
+    lines = [f"(3) peak memory of shard runs, object store {store_mb} MiB, {WORKERS} workers, 16 MiB shards, "
+             f"max_side=256",
+             f"    {'corpus':<26}{'x store':>8}  {'peak RSS all procs':>19}  {'largest proc':>13}  "
+             f"{'object store used':>18}  {'time':>7}"]
+    try:
+        for repeat in (2, 6):
+            files = corpus_files(photos, repeat)
+            mb = repeat * photo_mb
+            src = write_local(os.path.join(tmp, f"mem-{repeat}"), files)
+            sampler = MemorySampler()
+            sampler.start()
+            from vitray.pipeline.shard import ShardConfig, run_shard
+
+            t0 = time.perf_counter()
+            cfg = ShardConfig(src=src, dst=os.path.join(tmp, f"mem-out-{repeat}"), storage=StorageOptions(),
+                              max_side=256, target_shard_bytes=16 * MiB, max_failure_fraction=1.0)
+            result = run_shard(cfg)
+            secs = time.perf_counter() - t0
+            sampler.stop()
+            assert result.counts["read"] == len(files)
+            store = (f"{sampler.peak_store / MiB:.1f} MiB" if sampler.store_error is None or sampler.peak_store
+                     else "n/a")
+            lines.append(f"    {f'{len(files)} images, {mb:.0f} MiB':<26}{mb / store_mb:>7.1f}x  "
+                         f"{sampler.peak_rss / MiB:>15.0f} MiB  {sampler.peak_proc / MiB:>9.0f} MiB  "
+                         f"{store:>18}  {secs:>6.1f}s")
+            shutil.rmtree(src, ignore_errors=True)
+        lines.append("    RSS counts shared pages in every process mapping them (an over-estimate); bounded = flat as "
+                     "the corpus grows")
+        return "\n".join(lines)
+    finally:
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3, help="corpus = the 462 photos this many times (part 1)")
+    ap.add_argument("--reps", type=int, default=2, help="timed repetitions per cell (best is reported)")
+    ap.add_argument("--skip-reader", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    photos = load_photos()
+    tmp = tempfile.mkdtemp(prefix="vitray-ingest-")
+    sections = []
+    try:
+        sections.append(throughput(photos, args.repeat, args.reps, tmp))
+        print(sections[-1], flush=True)
+        sys.path.insert(0, HERE)
+        if args.skip_reader:
+            sections.append("(2) training reader: skipped (--skip-reader)")
+        elif os.path.exists(os.path.join(HERE, "reader_bench.py")):
+            import reader_bench
+
+            sections.append("(2) training reader\n" + reader_bench.run([p["image"] for p in photos]))
+        else:
+            sections.append("(2) training reader: benchmarks/reader_bench.py not found; skipped")
+        print(sections[-1], flush=True)
+        if not args.skip_memory:
+            sections.append(memory(photos, tmp))
+            print(sections[-1], flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Per-sample decode + augmentation for the training reader, at reduced JPEG scale.
+
+Train: RandomResizedCrop (torchvision's algorithm: area ``scale``, log-uniform
+aspect ``ratio``, 10 tries then a centre fallback) + horizontal flip. Eval: resize
+the shorter side to ``image_size / crop_pct`` and centre-crop ``image_size``
+(timm's eval transform), done as one resize of the equivalent centre box.
+
+Why this is faster than "decode, then crop": the crop box is drawn from the
+*header* size first (Pillow reads it without decoding), then the JPEG is decoded
+at the coarsest DCT scale (1/2, 1/4, 1/8 via ``Image.draft``) that still leaves
+the crop box at least ``image_size`` pixels on its short side, so no resolution
+the output needs is thrown away. The crop + resize is one ``resize(box=...)``.
+
+Randomness is a pure function of ``(seed, epoch, position)`` (:func:`sample_rng`),
+never of which worker or task decodes the sample, so runs are reproducible and
+a resumed run sees the same pixels an uninterrupted run would have.
+
+Outputs are uint8 (H, W, 3); normalisation to float happens batched
+(:func:`normalize`), where it is one vectorised op instead of one per image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from vitray.pipeline import images
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_AUGMENT_STREAM = 0x41554731  # separates augmentation randomness from the order's stream
+_ROTATED = {2, 3, 4, 5, 6, 7, 8}  # EXIF orientations that need a transpose
+DRAFT_SCALES = (8, 4, 2)
+"""JPEG DCT scale denominators Pillow's ``draft`` can decode at."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentSpec:
+    """What one sample goes through; built from ReaderConfig and shipped to Ray Data tasks."""
+
+    image_size: int
+    """Output side S in pixels; outputs are (S, S, 3)."""
+    train: bool
+    """RandomResizedCrop + flip if True, else resize + centre crop."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop area range, as fractions of the image area."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """RandomResizedCrop aspect-ratio (w/h) range, sampled log-uniformly."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip (train only)."""
+    crop_pct: float = 0.875
+    """Eval: the centre crop covers this fraction of the resized shorter side."""
+    max_pixels: int = images.DEFAULT_MAX_PIXELS
+    """Decompression-bomb limit (full-resolution pixels)."""
+    reduced_decode: bool = True
+    """Decode JPEGs at reduced DCT scale when the crop allows it (False: always full decode)."""
+
+
+def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
+    """The generator for the sample at ``position`` of epoch ``epoch``'s order."""
+    return np.random.default_rng([_AUGMENT_STREAM, seed, epoch, position])
+
+
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
+                            ratio: tuple[float, float], rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params. Returns (left, top, w, h) in pixels."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    # Fallback: the whole image, clipped to the allowed aspect range, centred.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def center_crop_box(width: int, height: int, image_size: int, crop_pct: float) -> tuple[float, float, float, float]:
+    """Box (left, top, w, h) equal to "resize shorter side to S/crop_pct, centre-crop S"."""
+    resized_short = image_size / crop_pct
+    side = image_size * min(width, height) / resized_short  # = crop_pct * shorter side
+    return (width - side) / 2, (height - side) / 2, side, side
+
+
+def draft_scale(crop_short: float, image_size: int) -> int:
+    """Largest DCT scale denominator s with ``crop_short / s >= image_size`` (1 if none)."""
+    for s in DRAFT_SCALES:
+        if crop_short / s >= image_size:
+            return s
+    return 1
+
+
+def decode_box(data: bytes, spec: AugmentSpec, rng: np.random.Generator | None) -> np.ndarray:
+    """Decode ``data`` and return the augmented (S, S, 3) uint8 crop.
+
+    rng: the sample's generator (:func:`sample_rng`); unused in eval mode.
+    Raises ``images.ImageError`` for undecodable input.
+    """
+    S = spec.image_size
+    im = images.open_image(data, spec.max_pixels)
+    width, height = images.displayed_size(im)  # full resolution, after EXIF rotation
+    orientation = im.getexif().get(0x0112)
+    if spec.train:
+        flip = bool(rng.random() < spec.hflip)  # drawn first: the crop loop uses a variable number of draws
+        left, top, w, h = random_resized_crop_box(width, height, spec.crop_scale, spec.crop_ratio, rng)
+    else:
+        flip = False
+        left, top, w, h = center_crop_box(width, height, S, spec.crop_pct)
+    try:
+        if getattr(im, "n_frames", 1) > 1:
+            im.seek(0)
+        s = draft_scale(min(w, h), S) if spec.reduced_decode else 1
+        if s > 1 and im.format == "JPEG":
+            sw, sh = im.size  # stored (pre-rotation) size; the DCT scale is the same on both axes
+            im.draft("RGB" if im.mode in ("RGB", "YCbCr") else im.mode, (max(1, sw // s), max(1, sh // s)))
+        im.load()
+        if orientation in _ROTATED:  # exif_transpose would copy even when there is nothing to do
+            im = ImageOps.exif_transpose(im) or im
+        rgb = images.to_rgb(im)
+        # The reduced decode rounds sizes up; map the box with the actual factors.
+        fx, fy = rgb.width / width, rgb.height / height
+        box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
+        out = rgb.resize((S, S), Image.Resampling.BILINEAR, box=box)
+    except Exception as exc:  # truncated / corrupt streams raise a zoo of types
+        raise images.ImageError(f"corrupt: {type(exc).__name__}: {exc}") from None
+    arr = np.asarray(out)  # (S, S, 3) uint8
+    return arr[:, ::-1] if flip else arr
+
+
+def normalize(batch_u8, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> "torch.Tensor":
+    """uint8 (B, 3, H, W) array or tensor -> float32 tensor (B, 3, H, W), ``(x / 255 - mean) / std``."""
+    import torch  # here, not at module level: decode tasks never need torch
+
+    with warnings.catch_warnings():
+        # Ray hands out read-only zero-copy views; .float() below copies, so nothing writes to them.
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.as_tensor(batch_u8)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32).view(1, 3, 1, 1)
+    return x.float().mul_(scale).sub_(shift)

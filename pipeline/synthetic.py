@@ -38,16 +38,18 @@ class DemoSet:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A colour gradient with stripes and noise: (size, size, 3) uint8."""
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    """A smooth random colour field with stripes and noise: (size, size, 3) uint8.
+
+    The field (a bicubic upsampling of a 4x4 grid of random colours) makes the
+    low frequencies, and so the perceptual hashes, of unrelated images differ.
+    """
+    grid = rng.uniform(0, 255, (4, 4, 3)).astype(np.uint8)
+    img = np.asarray(Image.fromarray(grid, "RGB").resize((size, size), Image.Resampling.BICUBIC), np.float64)
     angle = rng.uniform(0, math.pi)
     yy, xx = np.mgrid[0:size, 0:size] / max(1, size - 1)  # (H, W) each
-    t = (np.cos(angle) * xx + np.sin(angle) * yy)
-    t = (t - t.min()) / max(1e-6, np.ptp(t))
-    img = c0 * (1 - t[..., None]) + c1 * t[..., None]  # (H, W, 3)
     period = rng.uniform(4, 12)
-    stripes = 18 * np.sin(2 * math.pi * (xx * np.sin(angle) - yy * np.cos(angle)) * size / period)
-    img += stripes[..., None] + rng.normal(0, 10, img.shape)
+    stripes = 14 * np.sin(2 * math.pi * (xx * np.sin(angle) - yy * np.cos(angle)) * size / period)
+    img = img + stripes[..., None] + rng.normal(0, 8, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -132,7 +134,7 @@ def _transform(im: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Im
     """A near-duplicate of ``im``: (image, output format)."""
     w, h = im.size
     if kind == "crop":
-        f = rng.uniform(0.85, 0.93)
+        f = rng.uniform(0.94, 0.97)
         cw, ch = int(w * f), int(h * f)
         x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
         return im.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.Resampling.BICUBIC), "JPEG"
@@ -151,6 +153,10 @@ def make_demo_eval_set(dst: str, corpus: str, storage: vstorage.StorageOptions |
     through crop, flip, jpeg) and stored among the fresh images of their class
     under ordinary names; ``<dst>/_duplicates.csv`` lists them
     (``eval_path, corpus_path, transform``; paths relative to the two roots).
+    Measured at size 64: JPEG recompressions stay within ~4 pHash bits of their
+    original, 3-6% crops within ~4-16, mirror images ~32 (pHash does not catch
+    a flip unless mirrored hashes are compared), while fresh eval images are
+    >= ~12 bits from every corpus image.
     """
     cfs, croot = vstorage.resolve(corpus, storage)
     corpus_files = [i.path[len(croot):].lstrip("/") for i in vstorage.list_files(cfs, croot)]

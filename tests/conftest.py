@@ -46,7 +46,8 @@ def start_local_ray(**kwargs):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=TEST_CPUS, object_store_memory=TEST_OBJECT_STORE, include_dashboard=False,
+        # address="local": always a fresh runtime, never one another process started on this machine.
+        ray.init(address="local", num_cpus=TEST_CPUS, object_store_memory=TEST_OBJECT_STORE, include_dashboard=False,
                  log_to_driver=True, **kwargs)
         import ray.data
 

@@ -31,8 +31,8 @@ from typing import Mapping
 
 import torch
 
-from vitray.training.vit import (PATCH_SIZES, VARIANTS, LoadReport, ViTConfig, VisionTransformer, create_model,
-                                 load_pretrained)
+from vitray.training.vit import (PATCH_SIZES, VARIANTS, LoadReport, ViTConfig, VisionTransformer,
+                                 create_model, load_pretrained)
 
 # HF 4.x checkpoint names -> HF 5.x names (after the "vit." prefix is removed).
 _LEGACY = [

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitray.config import ConfigError, check
+from vitray.config import check
 from vitray.training.hybrid import (HYBRID_LAYERS, HYBRID_STAGES, ResNetStem, hybrid_out_channels,
                                     resnet_stem_flops)
 from vitray.training.posembed import grid_of, resample_pos_embed

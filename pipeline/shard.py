@@ -244,7 +244,10 @@ def _execute(cfg: ShardConfig, plan: ShardPlan) -> list[dict]:
     ray = _ensure_ray()
     import ray.data
 
-    items = [{"task": json.dumps(t)} for t in plan.tasks]
+    # Biggest tasks first: the order shards are computed in does not change them, and this
+    # keeps one straggler from running alone at the end.
+    order = sorted(plan.tasks, key=lambda t: (-sum(u["size"] for u in t["units"]), t["index"]))
+    items = [{"task": json.dumps(t)} for t in order]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # batch_size=1: one plan task per Ray task, so a failure or retry redoes one shard only.
     ds = ds.map_batches(_process_batch, batch_size=1, fn_kwargs={"cfg": cfg}, num_cpus=cfg.num_cpus,

@@ -159,20 +159,18 @@ def process_task(task: dict, cfg: Any) -> dict:
     if read != len(rows) + len(failures):
         raise RuntimeError(f"task {index}: read {read} != written {len(rows)} + failed {len(failures)}")
 
+    n_rows = len(rows)
     spath = shard_path(dst_root, index)
     name, size, digest = None, 0, None
-    if rows:
+    if n_rows:
         data = schema.parquet_bytes(schema.table_from_rows(rows))
         del rows  # the encoded shard is all we keep
         name, size, digest = schema.shard_name(index), len(data), schema.checksum(data)
         storage.write_bytes_atomic(dst_fs, spath, data)
-        written = pq_rows = read - len(failures)
-    else:
-        written = pq_rows = 0
-        if storage.exists(dst_fs, spath):  # left by an older plan; this task has no rows
-            dst_fs.delete_file(spath)
-    marker = {"index": index, "digest": task["digest"], "name": name, "rows": pq_rows, "bytes": size,
+    elif storage.exists(dst_fs, spath):  # left by an older plan; this task has no rows
+        dst_fs.delete_file(spath)
+    marker = {"index": index, "digest": task["digest"], "name": name, "rows": n_rows, "bytes": size,
               "checksum": digest, "read": read, "failures": failures}
     storage.write_bytes_atomic(dst_fs, mpath, json.dumps(marker).encode())
-    log.debug("task %d: %d read, %d written, %d failed", index, read, written, len(failures))
+    log.debug("task %d: %d read, %d written, %d failed", index, read, n_rows, len(failures))
     return _stats(marker, False, time.perf_counter() - t0)

@@ -127,7 +127,7 @@ def make_demo_corpus(dst: str, storage: vstorage.StorageOptions | None = None, c
             rel = f"{name}/{name}_{i:04d}.{ext}"
             vstorage.write_bytes_atomic(fs, f"{root}/{rel}", _encode(im, fmt))
             files.append(rel)
-    return DemoSet(dst, names, sorted(files))
+    return DemoSet(dst, sorted(names), sorted(files))  # sorted: the ImageFolder label order
 
 
 def _transform(im: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, str]:

@@ -19,7 +19,7 @@ def test_corpus_is_a_deterministic_image_folder(tmp_path):
     a = synthetic.make_demo_corpus(str(tmp_path / "a"), classes=3, per_class=8, size=48, seed=5)
     b = synthetic.make_demo_corpus(str(tmp_path / "b"), classes=3, per_class=8, size=48, seed=5)
     c = synthetic.make_demo_corpus(str(tmp_path / "c"), classes=3, per_class=8, size=48, seed=6)
-    assert a.classes == ["circle", "square", "triangle"] and len(a.files) == 24
+    assert a.classes == ["circle", "square", "triangle"] and len(a.files) == 24  # sorted names
     assert sorted(os.listdir(tmp_path / "a")) == a.classes
     assert sum(f.endswith(".png") for f in a.files) == 6  # every 4th image is a PNG
     assert all(_read(a.uri, f) == _read(b.uri, f) for f in a.files)

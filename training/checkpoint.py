@@ -251,6 +251,11 @@ def list_checkpoints(fs: pafs.FileSystem, run_path: str) -> list[tuple[int, str]
     return sorted(out)
 
 
+def has_commit(fs: pafs.FileSystem, path: str) -> bool:
+    """Cheap check (no checksums): the COMMIT marker exists."""
+    return storage.exists(fs, f"{path}/{COMMIT_NAME}")
+
+
 def latest_committed(fs: pafs.FileSystem, run_path: str, before: int | None = None) -> tuple[int, str] | None:
     """Newest complete checkpoint (optionally with step < ``before``), or None."""
     for step, path in reversed(list_checkpoints(fs, run_path)):

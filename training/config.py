@@ -6,7 +6,7 @@ that can be checked without starting a worker is checked here, in ``__post_init_
 a bad config fails before Ray starts, with an error that names the field:
 
     >>> load_pretrain_config("tiny", overrides={"model": {"patch_size": 5}})
-    ConfigError: model.patch_size: must divide model.img_size (32), got 5
+    ConfigError: model.patch_size: 5 does not divide img_size 32
 
 Recipes (``RECIPES``) follow big_vision's habit: every production recipe has a tiny
 twin that tests and the demo run, so the two cannot drift apart.

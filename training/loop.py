@@ -5,9 +5,10 @@ How a worker starts, in order:
 1. Build the model from ``cfg.model`` (same seed on every rank), wrap it for the
    strategy (DDP, or FSDP2 ``fully_shard`` per block), build AdamW + the schedule.
 2. Resume: the newest *complete* checkpoint, i.e. ``ray.train.get_checkpoint()`` after
-   verifying its COMMIT, or else the newest committed one in the run directory (a
-   checkpoint uploaded just before a crash that Ray had not registered yet). Weights,
-   optimizer, schedule, RNG and the reader's state come from it. Otherwise from scratch.
+   verifying its COMMIT, or a newer committed one in the run directory (uploaded just
+   before a worker died, before the controller took the report; it is then registered
+   with Ray so keep-K covers it). Weights, optimizer, schedule, RNG and the reader's
+   state come from it. Otherwise from scratch.
 3. Build the reader *here*, from the checkpoint's reader state, so automatic retries
    and re-runs continue with exactly the samples an uninterrupted run would see next.
 
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 
 import ray.data
 import ray.train
+import ray.train.torch
 from vitray.config import from_dict, to_dict
 from vitray.training import checkpoint as ckpt
 from vitray.training.config import PretrainConfig
@@ -141,27 +143,48 @@ def _seed_step(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(s)
 
 
-def find_resume_checkpoint(fs: pafs.FileSystem, run_path: str) -> tuple[int, str] | None:
-    """The newest complete checkpoint: Ray's registered one or a newer committed one."""
-    found = ckpt.latest_committed(fs, run_path)
+def load_resume_checkpoint(fs: pafs.FileSystem, run_path: str) -> tuple[ckpt.TrainState, str, bool] | None:
+    """``(state, path, registered)`` of the newest complete checkpoint of the run, or None.
+
+    Usually that is Ray's registered one (``ray.train.get_checkpoint()``). A newer one
+    with a valid COMMIT exists when a worker died right after uploading it, before the
+    controller took the report: it is complete, so we resume from it (``registered`` is
+    then False and the caller hands it to Ray, so that keep-K retention covers it). A
+    directory whose files do not match its COMMIT is skipped.
+    """
     registered = ray.train.get_checkpoint()
-    if registered is not None:
-        if ckpt.is_committed(registered.filesystem, registered.path):
-            step = int(ckpt.DIR_RE.match(os.path.basename(registered.path)).group(1))
-            if found is None or found[0] <= step:
-                return step, registered.path
-        else:
-            print(f"[vitray] ignoring incomplete checkpoint {registered.path}", flush=True)
-    return found
+    registered_name = os.path.basename(registered.path) if registered is not None else None
+    for step, path in reversed(ckpt.list_checkpoints(fs, run_path)):
+        if not ckpt.has_commit(fs, path):
+            continue
+        try:
+            state = ckpt.load(fs, path)  # verifies every file against COMMIT
+        except ckpt.IncompleteCheckpointError as exc:
+            print(f"[vitray] skipping checkpoint: {exc}", flush=True)
+            continue
+        return state, path, os.path.basename(path) == registered_name
+    return None
 
 
-def _count_nodes(node_rank: int, device: torch.device, world: int) -> int:
-    """Number of nodes the workers run on (node ranks are 0..n-1)."""
+def adopt_checkpoint(fs: pafs.FileSystem, path: str, step: int, metrics: dict) -> None:
+    """Register an already-persisted checkpoint with Ray Train (all ranks call this)."""
+    from ray.train import CheckpointUploadMode
+
+    rank = ray.train.get_context().get_world_rank()
+    report = {"step": step, "status": "running",
+              **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    ray.train.report(report, checkpoint=ray.train.Checkpoint(path=path, filesystem=fs) if rank == 0 else None,
+                     checkpoint_dir_name=os.path.basename(path), checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+def _count_nodes(world: int) -> int:
+    """Number of distinct Ray nodes the workers run on (by node id: several nodes may share an IP)."""
+    node_id = ray.get_runtime_context().get_node_id()
     if world == 1:
         return 1
-    t = torch.tensor([node_rank], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item()) + 1
+    ids: list = [None] * world
+    dist.all_gather_object(ids, node_id)
+    return len(set(ids))
 
 
 def _fault(fault: dict, action: str, step: int, rank: int) -> bool:
@@ -211,19 +234,22 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     # 2. resume own checkpoint > from scratch
     reader = build_reader(cfg)
     step = 0
-    resume = find_resume_checkpoint(fs, run_path)
+    resume = load_resume_checkpoint(fs, run_path)
     if resume is not None:
-        state = ckpt.load(fs, resume[1])
+        state, path, registered = resume
         _load_train_state(core, optimizer, state)
         schedule.load_state_dict(state.scheduler)
         reader.load_state_dict(state.reader)
         ckpt.restore_rng(state.rng)
         step = state.step
+        if not registered:
+            adopt_checkpoint(fs, path, step, state.metrics)
+        del state  # the full state dicts are now inside the model and optimizer
     train_model = torch.compile(core) if cfg.compile else core
 
     log = MetricsLogger(_log_dir(fs, run_path), start_step=step, total_steps=cfg.steps,
                         enabled=rank == 0)
-    nodes = _count_nodes(ctx.get_node_rank(), device, world)
+    nodes = _count_nodes(world)
     if rank == 0:
         log.event("resume" if resume else "start", step=step, world_size=world, nodes=nodes, device=str(device),
                   checkpoint=resume[1] if resume else None, samples=reader.num_samples,

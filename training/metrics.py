@@ -108,7 +108,8 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events a previous attempt wrote past the checkpoint we resume from.
-        self._tb = SummaryWriter(log_dir=os.path.join(log_dir, "tb"), purge_step=start_step + 1 if start_step else None)
+        self._tb = SummaryWriter(log_dir=os.path.join(log_dir, "tb"),
+                                 purge_step=start_step + 1 if start_step else None)
 
     def event(self, kind: str, **fields):
         """A non-metric record (run start, resume, stop reason) in the JSONL stream."""

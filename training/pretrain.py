@@ -81,10 +81,11 @@ def check_resume(cfg: PretrainConfig, lineage: dict, fs, run_path: str) -> int:
     Resuming must see the same samples: a different corpus or exclusion list would make
     the reader's saved position meaningless, so that needs a new run name.
     """
-    latest = ckpt.latest_committed(fs, run_path)
-    if latest is None:
+    # COMMIT present is enough here; the workers verify every checksum when they load it.
+    latest = [(step, path) for step, path in ckpt.list_checkpoints(fs, run_path) if ckpt.has_commit(fs, path)]
+    if not latest:
         return 0
-    step, path = latest
+    step, path = latest[-1]
     saved = json.loads(storage.read_bytes(fs, f"{path}/lineage.json"))
     check(saved["corpus"]["manifest_checksum"] == lineage["corpus"]["manifest_checksum"], "run.name",
           f"run {cfg.run.name!r} was trained on a different corpus ({saved['corpus']['uri']}); "

@@ -60,7 +60,53 @@ def _job_stop(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    from vitray import config
+    from vitray.cluster.pipeline import PipelineConfig, run_pipeline
+
+    cfg = config.load(PipelineConfig, path=args.config, overrides=config.parse_overrides(args.set))
+    result = run_pipeline(cfg, stop_after=args.stop_after)
+    print(_pipeline_summary(result))
+    return 0
+
+
+def _pipeline_summary(result) -> str:
+    lines = [result.shard.summary()]
+    if result.dedup is not None:
+        lines.append(result.dedup.summary())
+    if result.pretrain is not None:
+        p = result.pretrain
+        loss = p.metrics.get("loss")
+        lines.append(f"vitray pretrain: {p.run_uri} reached step {p.step}"
+                     + (f", loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+                     + f"; clean against {', '.join(p.lineage.get('clean_against') or []) or 'no eval sets'}")
+        lines.append(f"  final checkpoint: {p.checkpoint}")
+    lines.append("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
+    return "\n".join(lines)
+
+
+def _demo(args) -> int:
+    from vitray.cluster.demo import run_demo
+
+    result = run_demo(args.out, steps=args.steps)
+    print(_pipeline_summary(result.pipeline))
+    print(f"planted near-duplicates removed from the corpus: {result.planted_found} of {result.planted}")
+    return 0
+
+
 def register(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser("run", help="run or resume the whole pipeline: shard -> dedup -> pretrain",
+                       description="Run every stage of a PipelineConfig YAML in order; re-running resumes.")
+    p.add_argument("config", help="YAML file mapping onto vitray.cluster.pipeline.PipelineConfig")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field (repeatable)")
+    p.add_argument("--stop-after", choices=("shard", "dedup", "pretrain"), default=None)
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("demo", help="the whole pipeline on generated data, local Ray, local storage")
+    p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
+    p.add_argument("--steps", type=int, default=30, help="pretraining steps (default 30)")
+    p.set_defaults(func=_demo)
+
     job = sub.add_parser("job", help="submit any vitray stage as a Ray job; follow, inspect and stop it")
     job_sub = job.add_subparsers(dest="job_command", metavar="ACTION", required=True)
 

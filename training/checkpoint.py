@@ -301,7 +301,10 @@ def data_lineage(shards: str, exclude: list[str], dedup_indexes: list[str],
         index = json.loads(raw)
         names = _eval_set_names(index)
         clean.update(names)
-        out["dedup_indexes"].append({"uri": uri, "digest": checksum(raw), "eval_sets": names,
+        # The index's own content digest identifies its version (same images, views and hash
+        # settings -> same digest); the manifest file's checksum pins the exact file read.
+        out["dedup_indexes"].append({"uri": uri, "digest": index.get("digest") or checksum(raw),
+                                     "manifest_checksum": checksum(raw), "eval_sets": names,
                                      "version": index.get("version") or index.get("created")})
     out["clean_against"] = sorted(clean)
     return out

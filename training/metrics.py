@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -118,7 +119,7 @@ class MetricsLogger:
         rec = {"event": kind, "time": time.time(), **{k: _jsonable(v) for k, v in fields.items()}}
         self._jsonl.write(json.dumps(rec) + "\n")
         if self.console:
-            print(f"[vitray] {kind}: " + ", ".join(f"{k}={v}" for k, v in fields.items()), flush=True)
+            _console(f"[vitray] {kind}: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
 
     def log(self, step: int, metrics: dict):
         if not self.enabled:
@@ -129,7 +130,7 @@ class MetricsLogger:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._tb.add_scalar(f"train/{key}", value, step)
         if self.console:
-            print(self.progress_line(step, metrics), flush=True)
+            _console(self.progress_line(step, metrics))
 
     def progress_line(self, step: int, m: dict) -> str:
         total = f"/{self.total_steps}" if self.total_steps else ""
@@ -171,3 +172,10 @@ def _truncate_after(path: str, step: int) -> None:
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _console(line: str) -> None:
+    """One line on the console. Not ``print``: Ray Train patches it to tee into its logger,
+    which shows every line twice on the driver."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

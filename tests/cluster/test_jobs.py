@@ -60,7 +60,7 @@ def token_cluster(tmp_path_factory):
         # kill every Ray runtime on the machine, the test session's included).
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+            proc.wait(timeout=10)
         except Exception:
             os.killpg(proc.pid, signal.SIGKILL)
 

@@ -30,6 +30,8 @@ FORWARDED_ENV = ("RAY_USAGE_STATS_ENABLED", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_UR
                  "AWS_DEFAULT_REGION", "AWS_REGION")
 _SECRET_PATTERN = re.compile(r"(SECRET|TOKEN|PASSWORD|CREDENTIAL|ACCESS_KEY|PRIVATE)", re.I)
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 60.0
+"""How long a submission waits for the head's job agent to come up."""
 
 
 @dataclasses.dataclass
@@ -78,9 +80,18 @@ def submit(spec: JobSpec) -> str:
     if spec.pip:
         runtime_env["pip"] = list(spec.pip)
     metadata = {"vitray_version": vitray.__version__, "vitray_stage": spec.args[0] if spec.args else ""}
-    return _client(spec.address).submit_job(
-        entrypoint=entrypoint(spec.args), submission_id=spec.submission_id, runtime_env=runtime_env,
-        metadata=metadata, entrypoint_num_cpus=spec.num_cpus)
+    client = _client(spec.address)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint(spec.args), submission_id=spec.submission_id, runtime_env=runtime_env,
+                metadata=metadata, entrypoint_num_cpus=spec.num_cpus)
+        except RuntimeError as exc:
+            # A freshly started head serves the dashboard before its job agent registers.
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def status(submission_id: str, address: str | None = None) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import io
 import json
-import logging
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +22,6 @@ from vitray.dedup import report, scan
 from vitray.dedup.index import EvalIndex, load_previews
 from vitray.pipeline import schema
 
-log = logging.getLogger(__name__)
 
 EXCLUDE_FILE = "exclude.txt"
 REMOVED_FILE = "removed.parquet"

@@ -7,9 +7,10 @@ How a run goes:
    The pHash and dHash :class:`search.HammingIndex` es are built once and put in
    the object store once (``ray.put``); every worker maps the same copy.
 2. **Scan** (Ray Data streaming job over the shard list, a fixed pool of actors
-   holding the index): one task per shard reads the shard's hash columns only,
-   searches, decodes just the candidate rows, verifies and writes its per-shard
-   results atomically (``scan.process_shard``). Shards whose results exist for
+   holding the index): a task reads its shards' hash columns only, searches,
+   decodes just the candidate rows, verifies and writes its per-shard
+   results atomically (``scan.process_shards``; consecutive shards are grouped into
+   tasks of ~``task_rows`` rows, searched together). Shards whose results exist for
    this exact run (same index digest, settings and shard checksum) are skipped:
    re-running resumes, and a finished run re-runs as a no-op.
 3. **Finish** (driver, :func:`finish`): from the per-shard results write
@@ -85,6 +86,8 @@ class DedupConfig:
     """Shard workers (actors holding the index); default: cluster CPUs / num_cpus."""
     num_cpus: float = 1.0
     """CPUs per shard worker."""
+    task_rows: int = 100_000
+    """Consecutive shards are grouped into tasks of about this many rows (one hash search per task)."""
 
     def __post_init__(self):
         for f in ("corpus", "index", "out"):
@@ -103,6 +106,7 @@ class DedupConfig:
         check(self.report_pairs >= 0, "report_pairs", "must be >= 0")
         check(16 <= self.preview_side <= 256, "preview_side", "must be in 16..256")
         check(self.num_cpus > 0, "num_cpus", "must be positive")
+        check(self.task_rows >= 1, "task_rows", "must be >= 1")
         check(self.concurrency is None or self.concurrency >= 1, "concurrency", "must be >= 1 or null")
 
 
@@ -165,10 +169,10 @@ class _ShardWorker:
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {}
-        for shard_json in batch["shard"]:
-            stats = scan.process_shard(json.loads(shard_json), self.bundle, self.cfg, self.verifier)
-            for k in ("shard", "rows", "removed", "failed", "candidate_rows", "resumed", "seconds"):
-                out.setdefault(k, []).append(stats[k])
+        for group_json in batch["shards"]:
+            for stats in scan.process_shards(json.loads(group_json), self.bundle, self.cfg, self.verifier):
+                for k in ("shard", "rows", "removed", "failed", "candidate_rows", "resumed", "seconds"):
+                    out.setdefault(k, []).append(stats[k])
         return out
 
 
@@ -196,10 +200,15 @@ def _scan(cfg: DedupConfig, bundle: dict, shards: list[dict]) -> int:
     ray = _ensure_ray()
     import ray.data
 
+    groups: list[list[dict]] = [[]]
+    for s in todo:  # consecutive shards, about task_rows rows per task
+        if groups[-1] and sum(int(x.get("rows", 0)) for x in groups[-1]) >= cfg.task_rows:
+            groups.append([])
+        groups[-1].append(s)
     size = cfg.concurrency or max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.num_cpus))
-    size = min(size, len(todo))
+    size = min(size, len(groups))
     ref = ray.put(bundle)  # once; actors map it, nothing is re-read per shard
-    items = [{"shard": json.dumps(s)} for s in todo]
+    items = [{"shards": json.dumps(g)} for g in groups]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(_ShardWorker, fn_constructor_args=([ref], cfg), batch_size=1, num_cpus=cfg.num_cpus,
                         compute=ray.data.ActorPoolStrategy(size=size))

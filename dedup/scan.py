@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import time
 from typing import Any
 
@@ -36,7 +35,6 @@ from vitray.dedup import augment
 from vitray.dedup.verify import DEGENERATE, Verifier
 from vitray.pipeline import hashes, images, schema
 
-log = logging.getLogger(__name__)
 
 PARTS_DIR = "_parts"
 CLEAN_DIR = "clean"
@@ -87,7 +85,7 @@ def candidates(bundle: dict, phash: np.ndarray, dhash: np.ndarray, cfg: Any) -> 
     stronger evidence than either one within a loose radius. Returns arrays of
     length P: ``row``, ``eval_row``, ``p``, ``d`` (best over the image's views),
     ``joint`` (best ``p + d`` of one view), ``view`` (that view), plus
-    ``truncated``: pairs dropped by the per-row cap.
+    ``truncated_row``: the row of each pair dropped by the per-row cap.
     """
     rows, views = [], []
     for kind, codes, radius in (("p", phash, cfg.phash_radius), ("d", dhash, cfg.dhash_radius)):
@@ -117,7 +115,7 @@ def candidates(bundle: dict, phash: np.ndarray, dhash: np.ndarray, cfg: Any) -> 
     rank = np.arange(len(row)) - np.searchsorted(row, row, side="left")
     keep = rank < cfg.max_candidates_per_row
     return {"row": row[keep], "eval_row": eval_row[keep], "p": best_p[keep], "d": best_d[keep],
-            "joint": joint[keep], "view": view[keep], "truncated": int((~keep).sum())}
+            "joint": joint[keep], "view": view[keep], "truncated_row": row[~keep]}
 
 
 # ---------------------------------------------------------------- corpus thumbnails
@@ -157,49 +155,79 @@ def corpus_thumbnails(datas: list[bytes], size: int, max_pixels: int
 
 # ---------------------------------------------------------------- one shard
 
-def process_shard(shard: dict, bundle: dict, cfg: Any, verifier: Verifier) -> dict:
-    """Dedup one shard (``shard`` = its manifest entry); returns the counts of its done.json."""
+def _is_done(ofs, oroot: str, shard: dict, fingerprint: str) -> dict | None:
+    done = read_done(ofs, part_paths(oroot, shard["name"])["done"])
+    ok = done and done.get("fingerprint") == fingerprint and done.get("shard_checksum") == shard.get("checksum")
+    return done if ok else None
+
+
+def process_shards(shards: list[dict], bundle: dict, cfg: Any, verifier: Verifier) -> list[dict]:
+    """Dedup a group of shards (manifest entries); returns the counts of each one's done.json.
+
+    The hash search runs once over the group's rows together (the search is much
+    faster per row on a large batch of queries than on a small shard's), then
+    each shard is verified and written on its own, so results stay per shard.
+    """
     t0 = time.perf_counter()
     cfs, croot = storage.resolve(cfg.corpus, cfg.storage)
     ofs, oroot = storage.resolve(cfg.out, cfg.storage)
-    paths = part_paths(oroot, shard["name"])
     fingerprint = bundle["fingerprint"]
-    done = read_done(ofs, paths["done"])
-    if done and done.get("fingerprint") == fingerprint and done.get("shard_checksum") == shard.get("checksum"):
-        return {**done, "resumed": True, "seconds": time.perf_counter() - t0}
-
-    stats = {"shard": shard["name"], "rows": int(shard.get("rows", 0)), "kept": 0, "removed": 0, "failed": 0,
-             "candidate_rows": 0, "candidate_pairs": 0, "verified_pairs": 0, "degenerate_pairs": 0,
-             "matched_pairs": 0, "truncated_pairs": 0, "fingerprint": fingerprint,
-             "shard_checksum": shard.get("checksum"), "error": None, "clean": None}
-    try:
-        f = cfs.open_input_file(f"{croot}/{shard['name']}")
-        pf = pq.ParquetFile(f)
-        table = pf.read(columns=schema.HASH_COLUMNS)
-    except Exception as exc:  # an unreadable shard is recorded as failed rows, not a crashed job
-        stats.update(failed=stats["rows"], error=f"unreadable shard: {type(exc).__name__}: {exc}")
-        rows_tbl = ROWS_SCHEMA.empty_table()
-        pairs_tbl = PAIRS_SCHEMA.empty_table()
-    else:
+    results, todo = [], []
+    for shard in shards:
+        done = _is_done(ofs, oroot, shard, fingerprint)
+        if done:
+            results.append({**done, "resumed": True, "seconds": 0.0})
+            continue
+        stats = {"shard": shard["name"], "rows": int(shard.get("rows", 0)), "kept": 0, "removed": 0, "failed": 0,
+                 "candidate_rows": 0, "candidate_pairs": 0, "verified_pairs": 0, "degenerate_pairs": 0,
+                 "matched_pairs": 0, "truncated_pairs": 0, "fingerprint": fingerprint,
+                 "shard_checksum": shard.get("checksum"), "error": None, "clean": None}
         try:
-            rows_tbl, pairs_tbl = _dedup_table(table, pf, bundle, cfg, verifier, stats)
+            f = cfs.open_input_file(f"{croot}/{shard['name']}")
+            pf = pq.ParquetFile(f)
+            table = pf.read(columns=schema.HASH_COLUMNS)
+        except Exception as exc:  # an unreadable shard is recorded as failed rows, not a crashed job
+            stats.update(failed=stats["rows"], error=f"unreadable shard: {type(exc).__name__}: {exc}")
+            _write_parts(ofs, oroot, stats, ROWS_SCHEMA.empty_table(), PAIRS_SCHEMA.empty_table())
+            results.append({**stats, "resumed": False, "seconds": 0.0})
+            continue
+        todo.append((shard, stats, f, pf, table))
+    if not todo:
+        return results
+    offsets = np.cumsum([0] + [t[4].num_rows for t in todo])
+    phash = np.concatenate([t[4].column("phash").to_numpy().astype(np.uint64) for t in todo])
+    dhash = np.concatenate([t[4].column("dhash").to_numpy().astype(np.uint64) for t in todo])
+    cand = candidates(bundle, phash, dhash, cfg)  # rows ascending: each shard's pairs are one slice
+    cuts = np.searchsorted(cand["row"], offsets)
+    for k, (shard, stats, f, pf, table) in enumerate(todo):
+        sl = slice(cuts[k], cuts[k + 1])
+        mine = {key: v[sl] for key, v in cand.items() if key != "truncated_row"}
+        mine["row"] = mine["row"] - offsets[k]
+        dropped = cand["truncated_row"]
+        mine["truncated"] = int(((dropped >= offsets[k]) & (dropped < offsets[k + 1])).sum())
+        try:
+            rows_tbl, pairs_tbl = _dedup_table(table, pf, mine, bundle, cfg, verifier, stats)
             if cfg.write_clean:
                 stats["clean"] = _write_clean(pf, rows_tbl, ofs, oroot, shard["name"])
         finally:
             f.close()
+        _write_parts(ofs, oroot, stats, rows_tbl, pairs_tbl)
+        results.append({**stats, "resumed": False, "seconds": time.perf_counter() - t0})
+    return results
+
+
+def _write_parts(ofs, oroot: str, stats: dict, rows_tbl: pa.Table, pairs_tbl: pa.Table) -> None:
+    """Both result files, then the done marker that makes them count (each write atomic)."""
+    paths = part_paths(oroot, stats["shard"])
     storage.write_bytes_atomic(ofs, paths["rows"], _parquet(rows_tbl))
     storage.write_bytes_atomic(ofs, paths["pairs"], _parquet(pairs_tbl))
     storage.write_bytes_atomic(ofs, paths["done"], json.dumps(stats, sort_keys=True).encode())
-    return {**stats, "resumed": False, "seconds": time.perf_counter() - t0}
 
 
-def _dedup_table(table: pa.Table, pf: pq.ParquetFile, bundle: dict, cfg: Any, verifier: Verifier,
+def _dedup_table(table: pa.Table, pf: pq.ParquetFile, cand: dict, bundle: dict, cfg: Any, verifier: Verifier,
                  stats: dict) -> tuple[pa.Table, pa.Table]:
     n = table.num_rows
     stats["rows"] = n
-    phash = table.column("phash").to_numpy().astype(np.uint64)
-    dhash = table.column("dhash").to_numpy().astype(np.uint64)
-    cand = candidates(bundle, phash, dhash, cfg)
     status = np.zeros(n, np.int8)  # index into STATUS
     reason: list[str | None] = [None] * n
     sample_ids = table.column("sample_id").to_pylist()

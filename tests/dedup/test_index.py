@@ -115,3 +115,20 @@ def test_config_errors_name_the_field():
         IndexConfig(evals=["a=/x", "a=/y"], out="/tmp/x")
     with pytest.raises(ConfigError, match="crop_scales"):
         augment.AugmentConfig(crop_scales=(1.5,))
+
+
+def test_cifar100_layout_reads_fine_labels(tmp_path, cifar_pickles):
+    root = tmp_path / "cifar-100-python"
+    root.mkdir()
+    x = cifar_pickles["pixels"][:5]
+    batch = {b"filenames": [b"a.png"] * 5, b"fine_labels": [7, 3, 99, 0, 12], b"coarse_labels": [1, 2, 3, 4, 5],
+             b"data": x.transpose(0, 3, 1, 2).reshape(5, -1)}
+    with open(root / "test", "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+    with open(root / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, f, protocol=2)
+    plan = sources.plan_eval_set("c100", str(root), None, str(tmp_path / "idx"))
+    assert plan.kind == "cifar" and len(plan.classes) == 100 and plan.classes[7] == "c7"
+    recs = [r for u in plan.units for r in sources.read_unit(u, None, str(root))]
+    assert [r.label for r in recs] == [7, 3, 99, 0, 12] and recs[2].eval_id == "test:2"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(recs[1].data))), x[1])

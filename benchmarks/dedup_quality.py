@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -52,6 +51,7 @@ from vitray.dedup.index import IndexConfig, build_index, load_index  # noqa: E40
 from vitray.dedup.run import DedupConfig, run_dedup  # noqa: E402
 from vitray.dedup.verify import VerifyConfig  # noqa: E402
 from vitray.pipeline import hashes, images, schema  # noqa: E402
+from vitray.pipeline.shard_task import encode_sample  # noqa: E402
 
 THRESHOLDS = (0.70, 0.75, 0.80, 0.85, 0.90)
 # The runs are made with looser settings than the defaults (a wider joint radius, a lower gate), so
@@ -72,11 +72,9 @@ def write_shard_dir(uri: str, items: list[tuple[str, int | None, bytes]], rows_p
     for k in range(0, len(items), rows_per_shard):
         rows = []
         for src, label, data in items[k:k + rows_per_shard]:
-            dec = hashes.decode_for_hash(data)
-            ph, dh = hashes.hash_images([dec.image])
-            rows.append(dict(sample_id=schema.sample_id(src), source=src, label=label, labels=None, width=dec.width,
-                             height=dec.height, format=dec.format, sha256=hashlib.sha256(data).hexdigest(),
-                             phash=int(ph[0]), dhash=int(dh[0]), image=data))
+            # The row `vitray shard` itself would write (original bytes kept).
+            rows.append(dict(sample_id=schema.sample_id(src), source=src, label=label, labels=None,
+                             **encode_sample(data, images.DEFAULT_MAX_PIXELS, max_side=None, quality=90)))
         blob = schema.parquet_bytes(schema.table_from_rows(rows))
         name = schema.shard_name(len(shards))
         storage.write_bytes_atomic(fs, f"{root}/{name}", blob)

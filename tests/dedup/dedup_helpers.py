@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 
@@ -10,7 +9,8 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from vitray import storage
-from vitray.pipeline import hashes, schema
+from vitray.pipeline import images, schema
+from vitray.pipeline.shard_task import encode_sample
 
 HOSTILE_NAMES = ['<script>alert(1)</script>.jpg', '"onerror=alert(2) x=".jpg', "a&b <i>.jpg"]
 
@@ -73,11 +73,9 @@ def write_shards(uri: str, items: list[tuple[str, int | None, bytes]], rows_per_
     for k in range(0, len(items), rows_per_shard):
         rows = []
         for src, label, data in items[k:k + rows_per_shard]:
-            dec = hashes.decode_for_hash(data)
-            ph, dh = hashes.hash_images([dec.image])
-            rows.append(dict(sample_id=schema.sample_id(src), source=src, label=label, labels=None, width=dec.width,
-                             height=dec.height, format=dec.format, sha256=hashlib.sha256(data).hexdigest(),
-                             phash=int(ph[0]), dhash=int(dh[0]), image=data))
+            # The row `vitray shard` itself would write (original bytes kept).
+            rows.append(dict(sample_id=schema.sample_id(src), source=src, label=label, labels=None,
+                             **encode_sample(data, images.DEFAULT_MAX_PIXELS, max_side=None, quality=90)))
         blob = schema.parquet_bytes(schema.table_from_rows(rows), row_group_rows=8)
         name = schema.shard_name(len(shards))
         storage.write_bytes_atomic(fs, f"{root}/{name}", blob)

@@ -193,6 +193,39 @@ def _dev(work: str) -> None:
         print(f"{f'plain pHash, radius {radius}':<46} {np.mean(dev_d[judg == 1] <= radius):>9.2f} "
               f"{np.mean(dev_d[judg == 2] <= radius):>9.2f} {100 * flag_ids:>15.2f}% {100 * flag_all:>11.2f}% "
               f"{100 * flag_b:>6.2f}%")
+    _unlisted(work, sets["test"], A_e, A_c, keep(A, DEFAULT.joint_radius, DEFAULT.verify.threshold), dev)
+
+
+def _unlisted(work: str, test: dict, A_e: np.ndarray, A_c: np.ndarray, ok: np.ndarray, dev: list) -> None:
+    """The test-test pairs flagged at the defaults that the development list does not contain.
+
+    The list is not exhaustive (it holds one judged neighbour per image), so the flag
+    rate counts real copies it lacks as well as false matches. This writes a contact
+    sheet of a fixed random sample of those pairs so a person can judge which they are.
+    """
+    from PIL import ImageDraw
+
+    listed = {frozenset((a, b)) for a, b, _ in dev}
+    flagged = {frozenset((int(e), int(c))) for e, c in zip(A_e[ok], A_c[ok]) if e != c}
+    unlisted = sorted(tuple(sorted(p)) for p in flagged - listed)
+    labels = test["label"]
+    cross = sum(labels[a] != labels[b] for a, b in unlisted)
+    rng = np.random.default_rng(0)
+    sample = [unlisted[i] for i in sorted(rng.choice(len(unlisted), min(48, len(unlisted)), replace=False))]
+    cols, cell = 8, 64
+    sheet = Image.new("RGB", (cols * (2 * cell + 12), -(-len(sample) // cols) * (cell + 14)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (a, b) in enumerate(sample):
+        x, y = (k % cols) * (2 * cell + 12), (k // cols) * (cell + 14)
+        for j, i in enumerate((a, b)):
+            im = Image.open(io.BytesIO(test["items"][i][2])).convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
+            sheet.paste(im, (x + j * (cell + 2), y))
+        draw.text((x, y + cell), f"{k}: {a}-{b}", fill="black")
+    path = os.path.join(work, "unlisted-pairs.png")
+    sheet.save(path)
+    print(f"\nA at the defaults: {len(flagged)} test-test pairs flagged, {len(flagged & listed)} of them in the "
+          f"development list; {len(unlisted)} not listed ({cross} of those across classes). "
+          f"A sample of {len(sample)} unlisted pairs for judging by eye: {path}")
 
 
 # ---------------------------------------------------------------- part 2: photo robustness

@@ -12,7 +12,8 @@
 3. Peak memory (RSS of the driver and every Ray process, sampled; object-store
    bytes used) of shard runs over corpora 1x and 3.5x the configured object store.
 
-    .venv/bin/python benchmarks/ingest.py [--repeat 3] [--reps 2] [--skip-reader] [--skip-memory]
+    .venv/bin/python benchmarks/ingest.py [--repeat 3] [--s3-repeat N] [--target-mib 8] [--reps 2]
+        [--skip-reader] [--skip-memory]
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ def timed(fn, *args) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
-def throughput(photos: list[dict], repeat: int, reps: int, tmp: str) -> str:
+def throughput(photos: list[dict], repeat: int, reps: int, tmp: str, s3_repeat: int | None = None,
+               target_mib: int = 8) -> str:
     import multiprocessing
 
     import ray
@@ -212,13 +214,16 @@ def throughput(photos: list[dict], repeat: int, reps: int, tmp: str) -> str:
     from vitray.storage import StorageOptions
 
     files = corpus_files(photos, repeat)
+    s3_files = files if s3_repeat in (None, repeat) else corpus_files(photos, s3_repeat)
     total_mb = sum(map(len, files.values())) / MiB
-    log(f"corpus: {len(files)} images, {total_mb:.0f} MiB; writing local copy and uploading to moto")
+    s3_mb = sum(map(len, s3_files.values())) / MiB
+    log(f"corpus: {len(files)} images, {total_mb:.0f} MiB locally; {len(s3_files)} images, {s3_mb:.0f} MiB "
+        f"uploaded to moto")
     local_src = write_local(os.path.join(tmp, "corpus"), files)
     s3 = MotoS3()
     pool = multiprocessing.get_context("spawn").Pool(WORKERS)
     try:
-        s3_src = s3.upload("bench", files)
+        s3_src = s3.upload("bench", s3_files)
         s3_opts = StorageOptions(endpoint_url=s3.endpoint)
         ray.init(address="local", num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
         import ray.data
@@ -230,9 +235,10 @@ def throughput(photos: list[dict], repeat: int, reps: int, tmp: str) -> str:
         shard_run(warm, os.path.join(tmp, "warm-out"), StorageOptions(), None, 1)
         pool.map(_plain_part, [(warm, os.path.join(tmp, "warm-plain"), StorageOptions(), None, 1 << 30, False, i,
                                 WORKERS) for i in range(WORKERS)])
-        target = 8 * MiB
+        target = target_mib * MiB
         exclude = {s3.proc.pid} | {p.pid for p in pool._pool}  # not Ray's: moto, the plain-loop pool
-        lines = [f"(1) shard throughput: {len(files)} real photos ({total_mb:.0f} MiB = {repeat}x the 462), "
+        lines = [f"(1) shard throughput: {len(files)} real photos ({total_mb:.0f} MiB = {repeat}x the 462) locally, "
+                 f"{len(s3_files)} ({s3_mb:.0f} MiB) on S3, "
                  f"{target // MiB} MiB shards, {WORKERS} Ray workers, {psutil.cpu_count()} cores "
                  f"(load average {os.getloadavg()[0]:.1f} at start); best of {reps}",
                  f"    {'':<16}|{'wall clock: images/s per core':^42}|{'CPU time: images per CPU-second':^42}|",
@@ -391,6 +397,8 @@ def memory(tmp: str, store_mb: int = 100) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3, help="corpus = the 462 photos this many times (part 1)")
+    ap.add_argument("--s3-repeat", type=int, default=None, help="the S3 corpus's repeat (default: --repeat)")
+    ap.add_argument("--target-mib", type=int, default=8, help="shard size of part 1, MiB")
     ap.add_argument("--reps", type=int, default=2, help="timed repetitions per cell (best is reported)")
     ap.add_argument("--skip-reader", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
@@ -406,7 +414,7 @@ def main() -> None:
     photos = load_photos()
     sections = []
     try:
-        sections.append(throughput(photos, args.repeat, args.reps, tmp))
+        sections.append(throughput(photos, args.repeat, args.reps, tmp, args.s3_repeat, args.target_mib))
         print(sections[-1], flush=True)
         sys.path.insert(0, HERE)
         if args.skip_reader:

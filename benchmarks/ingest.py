@@ -12,7 +12,7 @@
 3. Peak memory (RSS of the driver and every Ray process, sampled; object-store
    bytes used) of shard runs over corpora 1x and 3.5x the configured object store.
 
-    .venv/bin/python benchmarks/ingest.py [--repeat 3] [--s3-repeat N] [--target-mib 8] [--reps 2]
+    .venv/bin/python benchmarks/ingest.py [--repeat 3] [--s3-repeat N] [--sources local,s3] [--target-mib 8] [--reps 2]
         [--skip-reader] [--skip-memory]
 """
 
@@ -206,7 +206,7 @@ def timed(fn, *args) -> tuple[float, int]:
 
 
 def throughput(photos: list[dict], repeat: int, reps: int, tmp: str, s3_repeat: int | None = None,
-               target_mib: int = 8) -> str:
+               target_mib: int = 8, sources: tuple[str, ...] = ("local", "s3")) -> str:
     import multiprocessing
 
     import ray
@@ -217,13 +217,13 @@ def throughput(photos: list[dict], repeat: int, reps: int, tmp: str, s3_repeat: 
     s3_files = files if s3_repeat in (None, repeat) else corpus_files(photos, s3_repeat)
     total_mb = sum(map(len, files.values())) / MiB
     s3_mb = sum(map(len, s3_files.values())) / MiB
-    log(f"corpus: {len(files)} images, {total_mb:.0f} MiB locally; {len(s3_files)} images, {s3_mb:.0f} MiB "
-        f"uploaded to moto")
+    log(f"corpus: {len(files)} images, {total_mb:.0f} MiB locally"
+        + (f"; {len(s3_files)} images, {s3_mb:.0f} MiB uploaded to moto" if "s3" in sources else ""))
     local_src = write_local(os.path.join(tmp, "corpus"), files)
     s3 = MotoS3()
     pool = multiprocessing.get_context("spawn").Pool(WORKERS)
     try:
-        s3_src = s3.upload("bench", s3_files)
+        s3_src = s3.upload("bench", s3_files) if "s3" in sources else None
         s3_opts = StorageOptions(endpoint_url=s3.endpoint)
         ray.init(address="local", num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
         import ray.data
@@ -237,14 +237,17 @@ def throughput(photos: list[dict], repeat: int, reps: int, tmp: str, s3_repeat: 
                                 WORKERS) for i in range(WORKERS)])
         target = target_mib * MiB
         exclude = {s3.proc.pid} | {p.pid for p in pool._pool}  # not Ray's: moto, the plain-loop pool
+        on_s3 = f"{len(s3_files)} ({s3_mb:.0f} MiB) on S3, " if "s3" in sources else ""
         lines = [f"(1) shard throughput: {len(files)} real photos ({total_mb:.0f} MiB = {repeat}x the 462) locally, "
-                 f"{len(s3_files)} ({s3_mb:.0f} MiB) on S3, "
+                 f"{on_s3}"
                  f"{target // MiB} MiB shards, {WORKERS} Ray workers, {psutil.cpu_count()} cores "
                  f"(load average {os.getloadavg()[0]:.1f} at start); best of {reps}",
                  f"    {'':<16}|{'wall clock: images/s per core':^42}|{'CPU time: images per CPU-second':^42}|",
                  f"    {'source max_side':<16}|{'plain':>8}{'plain x2':>10}{'shard':>8}{'overhead':>10}{'(x2)':>6}|"
                  f"{'plain':>8}{'plain x2':>10}{'shard':>8}{'overhead':>10}{'(x2)':>6}|{'naive':>7}"]
         for name, src, opts in (("local", local_src, StorageOptions()), ("s3", s3_src, s3_opts)):
+            if name not in sources:
+                continue
             for max_side in (None, 256):
                 best = {k: 0.0 for k in ("plain", "plain2", "shard", "naive", "cpu_plain", "cpu_plain2",
                                          "cpu_shard")}
@@ -399,6 +402,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="corpus = the 462 photos this many times (part 1)")
     ap.add_argument("--s3-repeat", type=int, default=None, help="the S3 corpus's repeat (default: --repeat)")
     ap.add_argument("--target-mib", type=int, default=8, help="shard size of part 1, MiB")
+    ap.add_argument("--sources", default="local,s3", help="part 1 sources: local, s3 or both")
     ap.add_argument("--reps", type=int, default=2, help="timed repetitions per cell (best is reported)")
     ap.add_argument("--skip-reader", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
@@ -414,7 +418,8 @@ def main() -> None:
     photos = load_photos()
     sections = []
     try:
-        sections.append(throughput(photos, args.repeat, args.reps, tmp, args.s3_repeat, args.target_mib))
+        sections.append(throughput(photos, args.repeat, args.reps, tmp, args.s3_repeat, args.target_mib,
+                                   tuple(args.sources.split(","))))
         print(sections[-1], flush=True)
         sys.path.insert(0, HERE)
         if args.skip_reader:

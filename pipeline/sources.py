@@ -322,7 +322,11 @@ def read_units(fs: pafs.FileSystem, units: list[dict], classes: list[str] | None
     Image files are fetched with up to ``io_threads`` reads in flight: object
     stores have ~10-50 ms per-request latency, and overlapping reads with
     decoding keeps a worker busy. At most ``2 * io_threads`` objects are held.
+    Local files are read in the calling thread: there is no latency to hide, and
+    the thread hand-offs cost about 7% more CPU per image (measured on the photos).
     """
+    if isinstance(fs, pafs.LocalFileSystem):
+        io_threads = 1
     i = 0
     while i < len(units):
         kind = units[i]["kind"]

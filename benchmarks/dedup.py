@@ -174,27 +174,21 @@ def _dummy_png() -> bytes:
 
 def write_synthetic_corpus(root: str, phash: np.ndarray, dhash: np.ndarray, rows_per_shard: int) -> None:
     """Shard directory with real hash columns and a tiny dummy image per row."""
-    fs, path = storage.resolve(root)
-    shards = []
     img = _dummy_png()
-    for k, lo in enumerate(range(0, len(phash), rows_per_shard)):
-        n = min(rows_per_shard, len(phash) - lo)
-        sources = [f"synthetic/{lo + i:08d}.png" for i in range(n)]
-        table = pa.table({
-            "sample_id": [schema.sample_id(s) for s in sources], "source": sources,
-            "label": pa.nulls(n, pa.int64()), "labels": pa.nulls(n, pa.list_(pa.int64())),
-            "width": np.full(n, 8, np.int32), "height": np.full(n, 8, np.int32), "format": ["PNG"] * n,
-            "sha256": [f"{lo + i:064x}" for i in range(n)], "phash": phash[lo:lo + n], "dhash": dhash[lo:lo + n],
-            "image": pa.array([img] * n, pa.binary()),
-        }, schema=schema.SHARD_SCHEMA)
-        blob = schema.parquet_bytes(table, row_group_rows=1024)
-        name = schema.shard_name(k)
-        storage.write_bytes_atomic(fs, f"{path}/{name}", blob)
-        shards.append({"name": name, "rows": n, "bytes": len(blob), "checksum": schema.checksum(blob)})
-    manifest = {"kind": "vitray-shards", "schema_version": 1, "created": "benchmark", "source": "synthetic",
-                "config": {}, "counts": {"read": len(phash), "written": len(phash), "failed": 0}, "classes": None,
-                "shards": shards, "failures": schema.FAILURES_NAME}
-    storage.write_bytes_atomic(fs, f"{path}/{schema.MANIFEST_NAME}", schema.dumps_manifest(manifest))
+
+    def tables():
+        for lo in range(0, len(phash), rows_per_shard):
+            n = min(rows_per_shard, len(phash) - lo)
+            sources = [f"synthetic/{lo + i:08d}.png" for i in range(n)]
+            yield pa.table({
+                "sample_id": [schema.sample_id(s) for s in sources], "source": sources,
+                "label": pa.nulls(n, pa.int64()), "labels": pa.nulls(n, pa.list_(pa.int64())),
+                "width": np.full(n, 8, np.int32), "height": np.full(n, 8, np.int32), "format": ["PNG"] * n,
+                "sha256": [f"{lo + i:064x}" for i in range(n)], "phash": phash[lo:lo + n], "dhash": dhash[lo:lo + n],
+                "image": pa.array([img] * n, pa.binary()),
+            }, schema=schema.SHARD_SCHEMA)
+
+    schema.write_shard_dir(root, tables(), source="synthetic", row_group_rows=1024, created="benchmark")
 
 
 def write_synthetic_index(root: str, view_p: np.ndarray, view_d: np.ndarray, views_per_image: int) -> None:

@@ -68,21 +68,16 @@ def write_shard_dir(uri: str, items: list[tuple[str, int | None, bytes]], rows_p
     fs, root = storage.resolve(uri)
     if storage.exists(fs, f"{root}/{schema.MANIFEST_NAME}"):
         return
-    shards = []
-    for k in range(0, len(items), rows_per_shard):
-        rows = []
-        for src, label, data in items[k:k + rows_per_shard]:
-            # The row `vitray shard` itself would write (original bytes kept).
-            rows.append(dict(sample_id=schema.sample_id(src), source=src, label=label, labels=None,
-                             **encode_sample(data, images.DEFAULT_MAX_PIXELS, max_side=None, quality=90)))
-        blob = schema.parquet_bytes(schema.table_from_rows(rows))
-        name = schema.shard_name(len(shards))
-        storage.write_bytes_atomic(fs, f"{root}/{name}", blob)
-        shards.append({"name": name, "rows": len(rows), "bytes": len(blob), "checksum": schema.checksum(blob)})
-    manifest = {"kind": "vitray-shards", "schema_version": schema.SCHEMA_VERSION, "created": "benchmark",
-                "source": source, "config": {}, "counts": {"read": len(items), "written": len(items), "failed": 0},
-                "classes": None, "shards": shards, "failures": schema.FAILURES_NAME}
-    storage.write_bytes_atomic(fs, f"{root}/{schema.MANIFEST_NAME}", schema.dumps_manifest(manifest))
+
+    def tables():
+        for k in range(0, len(items), rows_per_shard):
+            # The rows `vitray shard` itself would write (original bytes kept).
+            yield schema.table_from_rows([
+                dict(sample_id=schema.sample_id(src), source=src, label=label, labels=None,
+                     **encode_sample(data, images.DEFAULT_MAX_PIXELS, max_side=None, quality=90))
+                for src, label, data in items[k:k + rows_per_shard]])
+
+    schema.write_shard_dir(uri, tables(), source=source, created="benchmark")
 
 
 def all_pairs(out: str) -> dict[str, np.ndarray]:

@@ -138,19 +138,8 @@ def end_to_end(photos: list[bytes], size: int = 224, batch_size: int = 32) -> st
                 rows.append({"sample_id": schema.sample_id(f"photo/{i}"), "source": f"photo/{i}", "label": i % 10,
                              "labels": None, "width": im.width, "height": im.height, "format": im.format or "",
                              "sha256": "", "phash": ph, "dhash": dh, "image": data})
-            entries = []
-            for k in range(0, len(rows), 128):
-                blob = schema.parquet_bytes(schema.table_from_rows(rows[k:k + 128]))
-                name = schema.shard_name(k // 128)
-                with open(os.path.join(tmp, name), "wb") as f:
-                    f.write(blob)
-                entries.append({"name": name, "rows": len(rows[k:k + 128]), "bytes": len(blob),
-                                "checksum": schema.checksum(blob)})
-            manifest = {"kind": "vitray-shards", "schema_version": schema.SCHEMA_VERSION, "created": "", "source": "bench",
-                        "config": {}, "counts": {"read": len(rows), "written": len(rows), "failed": 0},
-                        "classes": None, "shards": entries, "failures": schema.FAILURES_NAME}
-            with open(os.path.join(tmp, schema.MANIFEST_NAME), "wb") as f:
-                f.write(schema.dumps_manifest(manifest))
+            schema.write_shard_dir(tmp, (schema.table_from_rows(rows[k:k + 128]) for k in range(0, len(rows), 128)),
+                                   source="bench")
             rd = ShardReader(ReaderConfig(shards=tmp, image_size=size, task_samples=64))
             lines = []
             for epoch in range(2):  # epoch 0 includes worker start-up

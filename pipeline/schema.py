@@ -19,9 +19,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from vitray import storage
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "_manifest.json"
@@ -83,3 +86,35 @@ def checksum(data: bytes) -> str:
 
 def dumps_manifest(manifest: dict) -> bytes:
     return json.dumps(manifest, indent=2, sort_keys=True).encode()
+
+
+def shard_dir_files(tables: Iterable[pa.Table], *, source: str, classes: list[str] | None = None,
+                    row_group_rows: int = 256, created: str = "") -> Iterator[tuple[str, bytes]]:
+    """(file name, bytes) of a complete shard directory holding ``tables``, one shard each, manifest last.
+
+    For writers other than ``vitray shard`` (pre-hashed data, fixtures, benchmarks):
+    the tables must already have ``SHARD_SCHEMA``. The manifest carries the keys
+    ``vitray shard`` writes, with an empty run config and no failures. Tables are
+    consumed one at a time, so a generator of tables keeps memory bounded.
+    """
+    entries, rows = [], 0
+    for i, table in enumerate(tables):
+        if table.schema != SHARD_SCHEMA:
+            raise ValueError(f"shard {i} does not have SHARD_SCHEMA: {table.schema}")
+        blob = parquet_bytes(table, row_group_rows=row_group_rows)
+        entries.append({"name": shard_name(i), "rows": table.num_rows, "bytes": len(blob), "checksum": checksum(blob)})
+        rows += table.num_rows
+        yield shard_name(i), blob
+    manifest = {"kind": "vitray-shards", "schema_version": SCHEMA_VERSION, "created": created, "source": source,
+                "config": {}, "counts": {"read": rows, "written": rows, "failed": 0}, "classes": classes,
+                "shards": entries, "failures": FAILURES_NAME}
+    yield MANIFEST_NAME, dumps_manifest(manifest)
+
+
+def write_shard_dir(uri: str, tables: Iterable[pa.Table], *, storage_options: storage.StorageOptions | None = None,
+                    **manifest_fields) -> dict:
+    """Write :func:`shard_dir_files` under ``uri`` (manifest last, each file atomically); returns the manifest."""
+    fs, root = storage.resolve(uri, storage_options)
+    for name, blob in shard_dir_files(tables, **manifest_fields):
+        storage.write_bytes_atomic(fs, f"{root}/{name}", blob)
+    return json.loads(blob)

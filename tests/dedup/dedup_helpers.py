@@ -68,23 +68,16 @@ def write_shards(uri: str, items: list[tuple[str, int | None, bytes]], rows_per_
                  options: storage.StorageOptions | None = None, classes: list[str] | None = None,
                  source: str = "corpus") -> dict:
     """(source, label, bytes) rows -> a shard directory in the `vitray shard` layout; returns the manifest."""
-    fs, root = storage.resolve(uri, options)
-    shards = []
-    for k in range(0, len(items), rows_per_shard):
-        rows = []
-        for src, label, data in items[k:k + rows_per_shard]:
-            # The row `vitray shard` itself would write (original bytes kept).
-            rows.append(dict(sample_id=schema.sample_id(src), source=src, label=label, labels=None,
-                             **encode_sample(data, images.DEFAULT_MAX_PIXELS, max_side=None, quality=90)))
-        blob = schema.parquet_bytes(schema.table_from_rows(rows), row_group_rows=8)
-        name = schema.shard_name(len(shards))
-        storage.write_bytes_atomic(fs, f"{root}/{name}", blob)
-        shards.append({"name": name, "rows": len(rows), "bytes": len(blob), "checksum": schema.checksum(blob)})
-    manifest = {"kind": "vitray-shards", "schema_version": schema.SCHEMA_VERSION, "created": "test",
-                "source": source, "config": {}, "counts": {"read": len(items), "written": len(items), "failed": 0},
-                "classes": classes, "shards": shards, "failures": schema.FAILURES_NAME}
-    storage.write_bytes_atomic(fs, f"{root}/{schema.MANIFEST_NAME}", schema.dumps_manifest(manifest))
-    return manifest
+    def tables():
+        for k in range(0, len(items), rows_per_shard):
+            # The rows `vitray shard` itself would write (original bytes kept).
+            yield schema.table_from_rows([
+                dict(sample_id=schema.sample_id(src), source=src, label=label, labels=None,
+                     **encode_sample(data, images.DEFAULT_MAX_PIXELS, max_side=None, quality=90))
+                for src, label, data in items[k:k + rows_per_shard]])
+
+    return schema.write_shard_dir(uri, tables(), storage_options=options, source=source, classes=classes,
+                                  row_group_rows=8, created="test")
 
 
 def write_image_folder(root: str, named: dict[str, bytes]) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from vitray.pipeline import hashes, schema
-from vitray.storage import StorageOptions, resolve, write_bytes_atomic
+from vitray.storage import StorageOptions
 
 
 @dataclasses.dataclass
@@ -63,21 +63,12 @@ def write_shards(uri: str, items: list[Item], shard_rows: list[int], *, storage:
     """
     storage = storage or StorageOptions()
     assert sum(shard_rows) == len(items)
-    fs, root = resolve(uri, storage)
-    entries, start = [], 0
     replace_image = replace_image or {}
-    for i, n in enumerate(shard_rows):
-        rows = [row_of(it, replace_image.get(start + k)) for k, it in enumerate(items[start:start + n])]
-        data = schema.parquet_bytes(schema.table_from_rows(rows), row_group_rows=row_group_rows)
-        name = schema.shard_name(i)
-        write_bytes_atomic(fs, root + "/" + name, data)
-        entries.append({"name": name, "rows": n, "bytes": len(data), "checksum": schema.checksum(data)})
-        start += n
-    manifest = {"kind": "vitray-shards", "schema_version": schema.SCHEMA_VERSION, "created": "2024-01-01T00:00:00",
-                "source": "test-items", "config": {}, "counts": {"read": len(items), "written": len(items), "failed": 0},
-                "classes": classes, "shards": entries, "failures": schema.FAILURES_NAME}
-    path = root + "/" + schema.MANIFEST_NAME
-    write_bytes_atomic(fs, path, schema.dumps_manifest(manifest))
+    rows = [row_of(it, replace_image.get(k)) for k, it in enumerate(items)]
+    bounds = np.cumsum([0, *shard_rows])
+    schema.write_shard_dir(uri, (schema.table_from_rows(rows[a:b]) for a, b in zip(bounds[:-1], bounds[1:])),
+                           storage_options=storage, source="test-items", classes=classes,
+                           row_group_rows=row_group_rows, created="2024-01-01T00:00:00")
     return ShardSet(uri, storage, [schema.sample_id(it.source) for it in items], items)
 
 

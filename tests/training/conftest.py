@@ -1,7 +1,7 @@
 """Training fixtures: small shard directories of real CIFAR-10 images, and tiny configs.
 
 The shards are written with the shard-format helpers (``table_from_rows`` +
-``parquet_bytes`` + ``_manifest.json``) rather than by running ``vitray shard``, so
+``shard_dir_files``) rather than by running ``vitray shard``, so
 training tests do not pay for a sharding job. 96 images in two shards, 8 of them
 excluded through an exclusion file: with the tiny recipe's 16-image global batch an
 epoch is 5 steps, so an 8-step run crosses an epoch boundary.
@@ -17,8 +17,7 @@ import os
 import pytest
 
 from vitray.pipeline.hashes import hash_bytes
-from vitray.pipeline.schema import (MANIFEST_NAME, SCHEMA_VERSION, checksum, dumps_manifest, parquet_bytes,
-                                    sample_id, shard_name, table_from_rows)
+from vitray.pipeline.schema import sample_id, shard_dir_files, table_from_rows
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 NUM_IMAGES = 96
@@ -58,17 +57,10 @@ def build_corpus_files(cifar_table) -> tuple[dict[str, bytes], list[str], list[s
         rows.append({"sample_id": sample_id(source), "source": source, "label": int(rec["label"]),
                      "labels": None, "width": 32, "height": 32, "format": "WEBP",
                      "sha256": hashlib.sha256(data).hexdigest(), "phash": ph, "dhash": dh, "image": data})
-    files, shard_entries = {}, []
     per = NUM_IMAGES // NUM_SHARDS
-    for i in range(NUM_SHARDS):
-        blob = parquet_bytes(table_from_rows(rows[i * per:(i + 1) * per]))
-        files[f"shards/{shard_name(i)}"] = blob
-        shard_entries.append({"name": shard_name(i), "rows": per, "bytes": len(blob), "checksum": checksum(blob)})
-    manifest = {"kind": "vitray-shards", "schema_version": SCHEMA_VERSION, "created": "2024-01-01T00:00:00Z",
-                "source": "cifar10.parquet", "config": {},
-                "counts": {"read": NUM_IMAGES, "written": NUM_IMAGES, "failed": 0},
-                "classes": CIFAR_CLASSES, "shards": shard_entries, "failures": "_failures.parquet"}
-    files[f"shards/{MANIFEST_NAME}"] = dumps_manifest(manifest)
+    tables = (table_from_rows(rows[i * per:(i + 1) * per]) for i in range(NUM_SHARDS))
+    files = {f"shards/{name}": blob for name, blob in shard_dir_files(
+        tables, source="cifar10.parquet", classes=CIFAR_CLASSES, created="2024-01-01T00:00:00Z")}
     ids = [r["sample_id"] for r in rows]
     excluded = ids[3::NUM_IMAGES // NUM_EXCLUDED][:NUM_EXCLUDED]
     files["dedup/exclude.txt"] = ("\n".join(excluded) + "\n").encode()

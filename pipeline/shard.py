@@ -266,7 +266,7 @@ def _execute(cfg: ShardConfig, plan: ShardPlan) -> list[dict]:
     order = sorted(plan.tasks, key=lambda t: (-sum(u["size"] for u in t["units"]), t["index"]))
     items = [{"task": json.dumps(t)} for t in order]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # batch_size=1: one plan task per Ray task, so a failure or retry redoes one shard only.
+    # batch_size=1: one plan task per actor call, so a failure or retry redoes one shard only.
     # Two tasks in flight per actor: the next one is queued while the current one runs.
     pool = ray.data.ActorPoolStrategy(size=_pool_size(cfg, len(items)), max_tasks_in_flight_per_actor=2)
     ds = ds.map_batches(_ShardWorker, batch_size=1, fn_constructor_kwargs={"cfg": cfg}, num_cpus=cfg.num_cpus,

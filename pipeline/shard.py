@@ -93,7 +93,11 @@ class ShardConfig:
     num_cpus: float = 1.0
     """CPUs reserved per shard task."""
     concurrency: int | None = None
-    """Shard workers (Ray Data actors) to run (default: as many as the cluster's CPUs allow)."""
+    """Shard workers (Ray Data actors) to run (default: as many as the cluster's free CPUs allow)."""
+    wait_for_workers_s: float = 0.0
+    """0: start as soon as one worker is up, the rest join as they start (fastest). > 0: start only
+    once every worker is up, failing after this many seconds (e.g. to make sure every node takes part).
+    After such a failure Ray Data leaves the started workers holding their CPUs until the driver exits."""
     io_threads: int = 8
     """Object reads in flight per task (hides object-store latency)."""
 
@@ -120,6 +124,7 @@ class ShardConfig:
         check(self.num_cpus > 0, "num_cpus", "must be positive")
         check(self.concurrency is None or self.concurrency >= 1, "concurrency", "must be >= 1 or null")
         check(self.io_threads >= 1, "io_threads", "must be >= 1")
+        check(self.wait_for_workers_s >= 0, "wait_for_workers_s", "must be >= 0")
 
 
 @dataclasses.dataclass
@@ -249,10 +254,10 @@ class _ShardWorker:
 
 
 def _pool_size(cfg: ShardConfig, n_tasks: int) -> int:
-    """Workers to start: ``concurrency``, else what the cluster's CPUs fit; never more than tasks."""
+    """Workers to start: ``concurrency``, else what the free CPUs fit now; never more than tasks."""
     import ray
 
-    size = cfg.concurrency or max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.num_cpus))
+    size = cfg.concurrency or int(ray.available_resources().get("CPU", 0.0) // cfg.num_cpus)
     return max(1, min(size, n_tasks))
 
 
@@ -271,6 +276,8 @@ def _execute(cfg: ShardConfig, plan: ShardPlan) -> list[dict]:
     pool = ray.data.ActorPoolStrategy(size=_pool_size(cfg, len(items)), max_tasks_in_flight_per_actor=2)
     ds = ds.map_batches(_ShardWorker, batch_size=1, fn_constructor_kwargs={"cfg": cfg}, num_cpus=cfg.num_cpus,
                         compute=pool)
+    if cfg.wait_for_workers_s > 0:  # the dataset carries its own copy of the DataContext: only this job
+        ds.context.wait_for_min_actors_s = cfg.wait_for_workers_s
     done: list[dict] = []
     totals = Counter()
     t0 = time.perf_counter()
@@ -284,6 +291,9 @@ def _execute(cfg: ShardConfig, plan: ShardPlan) -> list[dict]:
                      "(%.0f inputs/s)", len(done), len(plan.tasks), stats["name"] or f"#{stats['index']} (empty)",
                      "verified" if stats["resumed"] else "written", stats["rows"], stats["failed"],
                      totals["read"], totals["written"], totals["failed"], totals["read"] / max(elapsed, 1e-9))
+    except ray.exceptions.GetTimeoutError as exc:
+        raise ShardError(f"{pool.min_size} shard workers did not all start within {cfg.wait_for_workers_s:g} s "
+                         f"({exc}); set concurrency to what the cluster can run") from exc
     except Exception as exc:
         raise ShardError(f"the shard job failed ({type(exc).__name__}: {exc}); completed shards are kept, "
                          f"re-run the same command to finish the rest") from exc

@@ -224,7 +224,9 @@ def test_two_node_cluster_writes_the_same_shards(two_node_cluster, local_store, 
     assert len(plan.tasks) >= 4
     for task in plan.tasks:  # the same tasks run in this process, without Ray
         shard_task.process_task(task, ref_cfg)
-    result = shard.run_shard(shard.ShardConfig(dst=local_store.uri("cluster"), **kw))
+    # Every worker up before the first task: these tasks take milliseconds, so otherwise the worker
+    # that starts first can finish them all before the other node's worker is up.
+    result = shard.run_shard(shard.ShardConfig(dst=local_store.uri("cluster"), wait_for_workers_s=120, **kw))
     assert result.nodes == 2
     assert result.counts == {"read": 16, "written": 16, "failed": 0}
     for entry in result.manifest["shards"]:

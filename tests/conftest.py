@@ -1,7 +1,8 @@
-"""Shared fixtures: a real local Ray runtime and a real S3-compatible server on loopback.
+"""Shared fixtures: a real local Ray runtime and real S3-compatible and GCS servers on loopback.
 
 Defined once here; test modules ask for ``ray_local``, ``s3`` (a fresh bucket on the
-moto server), ``two_node_cluster`` and the real-image fixtures.
+moto server), ``gcs`` (a fresh bucket on a GCS emulator), ``two_node_cluster`` and the
+real-image fixtures.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ os.environ["AWS_SECRET_ACCESS_KEY"] = "vitray-test-secret"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
     os.environ.pop(_var, None)
+# gs:// goes to the loopback GCS emulator (started by the ``gcs_server`` fixture), anonymously.
+with socket.socket() as _s:
+    _s.bind(("127.0.0.1", 0))
+    GCS_PORT = _s.getsockname()[1]
+os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{GCS_PORT}"
 
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
@@ -149,6 +155,70 @@ def s3(s3_server) -> S3Bucket:
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=bucket)
     return S3Bucket(endpoint=s3_server, bucket=bucket, options=options, client=client)
+
+
+# ---------------------------------------------------------------- GCS
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A GCS emulator (gcp-storage-emulator, in memory) on the port ``STORAGE_EMULATOR_HOST`` names.
+
+    In its own process: pyarrow's GCS client holds the GIL in some calls (opening a
+    random-access file), which deadlocks against a server thread in this process.
+    """
+    import subprocess
+    import sys
+    import time
+
+    code = ("import threading; from gcp_storage_emulator.server import create_server; "
+            f"create_server('127.0.0.1', {GCS_PORT}, in_memory=True).start(); threading.Event().wait()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", GCS_PORT), timeout=0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError("the GCS emulator exited at start")
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("the GCS emulator did not start")
+        yield os.environ["STORAGE_EMULATOR_HOST"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@dataclasses.dataclass
+class GcsBucket:
+    """A fresh bucket on the loopback GCS emulator (vitray reaches it through ``STORAGE_EMULATOR_HOST``)."""
+
+    bucket: str
+
+    @property
+    def uri(self) -> str:
+        return f"gs://{self.bucket}"
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.uri, *parts])
+
+    def put(self, key: str, data: bytes) -> str:
+        from vitray.storage import write_bytes_atomic
+
+        fs, path = resolve(self.path(key))
+        write_bytes_atomic(fs, path, data)
+        return self.path(key)
+
+
+@pytest.fixture
+def gcs(gcs_server) -> GcsBucket:
+    """A new empty bucket for one test."""
+    from vitray.storage import gcs_filesystem
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    gcs_filesystem(project_id="vitray-test").create_dir(bucket)  # creating a bucket needs a project
+    return GcsBucket(bucket)
 
 
 # ---------------------------------------------------------------- real images

@@ -9,7 +9,9 @@ Credentials are never taken as arguments, stored in configs, logged or pickled
 by us: they come from the standard AWS/GCP chains (environment variables,
 config files, instance metadata). Only the endpoint of an S3-compatible store
 (MinIO, Ceph, the test server) is configuration, via ``StorageOptions`` or the
-``AWS_ENDPOINT_URL`` environment variable.
+``AWS_ENDPOINT_URL`` environment variable. For ``gs://``, a GCS emulator is named
+the way Google's client libraries expect, by ``STORAGE_EMULATOR_HOST`` (then no
+credentials are used).
 """
 
 from __future__ import annotations
@@ -73,6 +75,18 @@ def s3_filesystem(options: StorageOptions) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+GCS_EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+
+
+def gcs_filesystem(**kwargs) -> pafs.GcsFileSystem:
+    """GCS with Google's default credentials, or the emulator named by ``STORAGE_EMULATOR_HOST`` (anonymous)."""
+    emulator = os.environ.get(GCS_EMULATOR_ENV)
+    if emulator:
+        scheme, host = (emulator if "://" in emulator else "http://" + emulator).split("://", 1)
+        kwargs.update(anonymous=True, endpoint_override=host.rstrip("/"), scheme=scheme)
+    return pafs.GcsFileSystem(**kwargs)
+
+
 def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
     """Return ``(filesystem, path)`` for a URI; ``path`` has no scheme."""
     options = options or StorageOptions()
@@ -80,7 +94,7 @@ def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileS
     if scheme == "s3":
         return s3_filesystem(options), uri.split("://", 1)[1].rstrip("/")
     if scheme == "gs":
-        return pafs.GcsFileSystem(), uri.split("://", 1)[1].rstrip("/")
+        return gcs_filesystem(), uri.split("://", 1)[1].rstrip("/")
     path = uri.split("://", 1)[1] if uri.startswith("file://") else uri
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 

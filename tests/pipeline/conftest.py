@@ -1,4 +1,4 @@
-"""Pipeline fixtures: a store (local dir or S3 bucket) and real odd/bad image files.
+"""Pipeline fixtures: a store (local dir, S3 or GCS bucket) and real odd/bad image files.
 
 Bad inputs are built from real photos (truncated bytes, CMYK conversion, EXIF
 orientation, ...), never mocked. Plain helpers live in ``shard_helpers``.
@@ -16,10 +16,12 @@ from shard_helpers import Store, encode
 from vitray.storage import StorageOptions
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gs"])
 def store(request, tmp_path) -> Store:
     if request.param == "local":
         return Store("local", str(tmp_path / "store"), StorageOptions())
+    if request.param == "gs":
+        return Store("gs", request.getfixturevalue("gcs").uri, StorageOptions())
     s3 = request.getfixturevalue("s3")
     return Store("s3", s3.uri, s3.options)
 

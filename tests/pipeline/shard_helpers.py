@@ -18,11 +18,11 @@ from vitray.storage import StorageOptions
 
 @dataclasses.dataclass
 class Store:
-    """A place to put a corpus: a local directory or a bucket on the loopback S3 server."""
+    """A place to put a corpus: a local directory or a bucket on the loopback S3 or GCS server."""
 
     kind: str
     root: str
-    """URI of the store's root (a local path or s3://bucket)."""
+    """URI of the store's root (a local path, s3://bucket or gs://bucket)."""
     options: StorageOptions
 
     def uri(self, *parts: str) -> str:

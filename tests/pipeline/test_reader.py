@@ -253,7 +253,7 @@ def test_bad_inputs_have_clear_errors(shards, tmp_path):
         reader.load_state_dict({"epoch": 0, "sample_in_epoch": 101, "seed": 0})
 
 
-# ---------------------------------------------------------------- S3, Ray actors
+# ---------------------------------------------------------------- S3, GCS, Ray actors
 
 
 def test_reads_shards_and_exclusions_from_s3(ray_local, s3, cifar10_test_table):
@@ -265,6 +265,15 @@ def test_reads_shards_and_exclusions_from_s3(ray_local, s3, cifar10_test_table):
     assert ids_of(epoch_batches(reader, 8)) == ss.sample_ids[3:]
     train = ShardReader(config(ss, seed=1, exclude=[s3.path("dedup", "exclude.txt")]))
     assert len(ids_of(epoch_batches(train, 8))) == 24
+
+
+def test_reads_shards_and_exclusions_from_gcs(ray_local, gcs, cifar10_test_table):
+    items = cifar_items(cifar10_test_table, 20, start=300)
+    ss = write_shards(gcs.path("corpus", "shards"), items, [12, 8])
+    gcs.put("dedup/exclude.txt", "\n".join(ss.sample_ids[-2:]).encode())
+    reader = ShardReader(config(ss, train=False, exclude=[gcs.path("dedup", "exclude.txt")]))
+    assert reader.num_samples == 18 and reader.num_excluded == 2
+    assert ids_of(epoch_batches(reader, 8)) == ss.sample_ids[:-2]  # decoded in Ray Data tasks, from gs://
 
 
 def test_reader_inside_a_ray_actor(ray_local, shards):

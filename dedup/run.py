@@ -121,14 +121,12 @@ class DedupResult:
 # ---------------------------------------------------------------- driver: setup
 
 def read_corpus_manifest(cfg: DedupConfig) -> dict:
-    fs, root = storage.resolve(cfg.corpus, cfg.storage)
     try:
-        manifest = json.loads(storage.read_bytes(fs, f"{root}/{schema.MANIFEST_NAME}"))
-    except OSError:
-        raise ConfigError("corpus", f"{cfg.corpus} has no {schema.MANIFEST_NAME}: not a complete shard directory "
-                                    f"(finish `vitray shard` first)") from None
-    check(manifest.get("kind") == "vitray-shards", "corpus", f"{cfg.corpus} is not a vitray shard directory")
-    return manifest
+        return schema.load_manifest(cfg.corpus, cfg.storage)
+    except OSError as exc:  # missing or incomplete (FileNotFoundError), unreadable
+        raise ConfigError("corpus", f"{exc} (finish `vitray shard` first)") from None
+    except ValueError as exc:
+        raise ConfigError("corpus", f"not a vitray shard directory: {exc}") from None
 
 
 def fingerprint(cfg: DedupConfig, index: EvalIndex) -> str:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import io
-import json
 import logging
 from typing import Iterator
 
@@ -49,7 +48,7 @@ from vitray.config import check
 from vitray.pipeline import augment, images
 from vitray.pipeline.decode_task import TaskPlan, decode_chunk, encode_chunk
 from vitray.pipeline.order import EpochOrder, Layout, chunk_positions, rank_positions, step_end
-from vitray.pipeline.schema import MANIFEST_NAME, SCHEMA_VERSION
+from vitray.pipeline.schema import load_manifest
 from vitray.storage import StorageOptions, join, read_bytes, resolve, scheme_of
 
 log = logging.getLogger(__name__)
@@ -143,22 +142,6 @@ class BatchCollate(NumpyBatchCollateFn):
         if self.keep_position:
             out["position"] = np.asarray(batch["position"], dtype=np.int64)
         return out
-
-
-def load_manifest(shards: str, storage: StorageOptions) -> dict:
-    """The shard directory's manifest, validated."""
-    fs, root = resolve(shards, storage)
-    try:
-        manifest = json.loads(read_bytes(fs, root + "/" + MANIFEST_NAME))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{shards}: no {MANIFEST_NAME}; the shard directory is missing or incomplete "
-                                "(`vitray shard` writes the manifest last)") from None
-    if manifest.get("kind") != "vitray-shards":
-        raise ValueError(f"{shards}/{MANIFEST_NAME}: kind is {manifest.get('kind')!r}, expected 'vitray-shards'")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{shards}/{MANIFEST_NAME}: schema_version {manifest.get('schema_version')} is not "
-                         f"the supported {SCHEMA_VERSION}")
-    return manifest
 
 
 def read_exclusions(uri: str, storage: StorageOptions) -> list[str]:

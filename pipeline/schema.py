@@ -88,6 +88,26 @@ def dumps_manifest(manifest: dict) -> bytes:
     return json.dumps(manifest, indent=2, sort_keys=True).encode()
 
 
+def load_manifest(shards: str, storage_options: storage.StorageOptions | None = None) -> dict:
+    """The manifest of the shard directory ``shards``, validated (kind and schema version).
+
+    Raises FileNotFoundError for a missing or incomplete directory and ValueError for
+    a manifest of another kind or schema version.
+    """
+    fs, root = storage.resolve(shards, storage_options)
+    try:
+        manifest = json.loads(storage.read_bytes(fs, root + "/" + MANIFEST_NAME))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{shards}: no {MANIFEST_NAME}; the shard directory is missing or incomplete "
+                                "(`vitray shard` writes the manifest last)") from None
+    if manifest.get("kind") != "vitray-shards":
+        raise ValueError(f"{shards}/{MANIFEST_NAME}: kind is {manifest.get('kind')!r}, expected 'vitray-shards'")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{shards}/{MANIFEST_NAME}: schema_version {manifest.get('schema_version')} is not "
+                         f"the supported {SCHEMA_VERSION}")
+    return manifest
+
+
 def shard_dir_files(tables: Iterable[pa.Table], *, source: str, classes: list[str] | None = None,
                     row_group_rows: int = 256, created: str = "") -> Iterator[tuple[str, bytes]]:
     """(file name, bytes) of a complete shard directory holding ``tables``, one shard each, manifest last.
@@ -117,4 +137,4 @@ def write_shard_dir(uri: str, tables: Iterable[pa.Table], *, storage_options: st
     fs, root = storage.resolve(uri, storage_options)
     for name, blob in shard_dir_files(tables, **manifest_fields):
         storage.write_bytes_atomic(fs, f"{root}/{name}", blob)
-    return json.loads(blob)
+    return json.loads(blob)  # the last file written is the manifest

@@ -13,7 +13,6 @@ corpus is.
 from __future__ import annotations
 
 import hashlib
-import os
 import io
 import json
 import logging
@@ -115,12 +114,10 @@ def marker_is_valid(fs: pafs.FileSystem, dst_root: str, task: dict, marker: dict
 
 # ---------------------------------------------------------------- one task
 
-def _stats(marker: dict, resumed: bool, started: float) -> dict:
-    """What a task reports to the driver; ``started``/``ended`` are wall-clock (epoch) seconds."""
-    ended = time.time()
+def _stats(marker: dict, resumed: bool, seconds: float) -> dict:
     return {"index": marker["index"], "name": marker["name"] or "", "rows": marker["rows"],
             "bytes": marker["bytes"], "read": marker["read"], "failed": len(marker["failures"]),
-            "resumed": resumed, "seconds": ended - started, "started": started, "ended": ended, "pid": os.getpid()}
+            "resumed": resumed, "seconds": seconds}
 
 
 def process_task(task: dict, cfg: Any) -> dict:
@@ -129,13 +126,13 @@ def process_task(task: dict, cfg: Any) -> dict:
     ``cfg`` is the ``ShardConfig``. Idempotent: a re-run after an interruption
     either finds a valid marker or rewrites the shard byte for byte.
     """
-    t0 = time.time()
+    t0 = time.perf_counter()
     dst_fs, dst_root = storage.resolve(cfg.dst, cfg.storage)
     index = task["index"]
     mpath = marker_path(dst_root, index)
     marker = read_marker(dst_fs, mpath)
     if marker_is_valid(dst_fs, dst_root, task, marker):
-        return _stats(marker, True, t0)
+        return _stats(marker, True, time.perf_counter() - t0)
     if marker is not None:  # stale: must not vouch for the shard we are about to rewrite
         dst_fs.delete_file(mpath)
 
@@ -176,4 +173,4 @@ def process_task(task: dict, cfg: Any) -> dict:
               "checksum": digest, "read": read, "failures": failures}
     storage.write_bytes_atomic(dst_fs, mpath, json.dumps(marker).encode())
     log.debug("task %d: %d read, %d written, %d failed", index, read, n_rows, len(failures))
-    return _stats(marker, False, t0)
+    return _stats(marker, False, time.perf_counter() - t0)

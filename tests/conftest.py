@@ -22,16 +22,11 @@ os.environ["AWS_SECRET_ACCESS_KEY"] = "vitray-test-secret"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 for _var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
     os.environ.pop(_var, None)
-# gs:// goes to the loopback GCS emulator (started by the ``gcs_server`` fixture), anonymously.
-with socket.socket() as _s:
-    _s.bind(("127.0.0.1", 0))
-    GCS_PORT = _s.getsockname()[1]
-os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{GCS_PORT}"
 
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 
-from vitray.storage import StorageOptions, resolve  # noqa: E402
+from vitray.storage import StorageOptions, gcs_filesystem, resolve, write_bytes_atomic  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
@@ -43,6 +38,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# gs:// goes to the loopback GCS emulator (started by the ``gcs_server`` fixture), anonymously;
+# set at import, before any Ray runtime starts, so workers inherit it.
+GCS_PORT = _free_port()
+os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{GCS_PORT}"
 
 
 # ---------------------------------------------------------------- Ray
@@ -204,8 +205,6 @@ class GcsBucket:
         return "/".join([self.uri, *parts])
 
     def put(self, key: str, data: bytes) -> str:
-        from vitray.storage import write_bytes_atomic
-
         fs, path = resolve(self.path(key))
         write_bytes_atomic(fs, path, data)
         return self.path(key)
@@ -214,8 +213,6 @@ class GcsBucket:
 @pytest.fixture
 def gcs(gcs_server) -> GcsBucket:
     """A new empty bucket for one test."""
-    from vitray.storage import gcs_filesystem
-
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     gcs_filesystem(project_id="vitray-test").create_dir(bucket)  # creating a bucket needs a project
     return GcsBucket(bucket)

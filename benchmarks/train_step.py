@@ -23,18 +23,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+from vitray.training.metrics import PEAK_BF16_FLOPS, device_peak_flops
 from vitray.training.vit import ViTConfig, create_model, model_flops_per_image
-
-# Dense bf16 peak TFLOP/s by device-name substring (first match wins; SXM numbers).
-PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100", 989.0), ("A100", 312.0)]
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     """Peak dense FLOP/s of ``device`` for ``dtype``, or None where unknown (CPU, fp32)."""
-    if device.type != "cuda" or dtype != torch.bfloat16:
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+    return device_peak_flops(device) if dtype == torch.bfloat16 else None
 
 
 def build_models(cfg: ViTConfig, with_hf: bool, device: torch.device) -> dict[str, torch.nn.Module]:
@@ -191,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"paired per round {paired_cpu:.3f}x")
     if peak is None:
         print("MFU: peak FLOP/s unknown for this device/dtype (known: bf16 on "
-              + ", ".join(k for k, _ in PEAK_BF16_TFLOPS) + ")")
+              + ", ".join(PEAK_BF16_FLOPS) + ")")
     if args.ray_overhead:
         run_ray_overhead()
 

@@ -4,12 +4,22 @@ Both sides get the same photos and the same crop boxes (drawn from the header si
 with the reader's per-sample generator), so the difference is how the work is done:
 
 - baseline: torchvision's recipe written out in PIL/torch: ``Image.open().convert("RGB")``
-  (full decode), crop, resize to 224 (bilinear), flip, ToTensor, Normalize per image;
-- reader: :func:`vitray.pipeline.augment.decode_box` (JPEG decoded at the coarsest DCT
-  scale keeping >= 224 px across the crop, one resize of the box, uint8 out) and one
-  batched normalisation, exactly what the Ray Data tasks + collate do;
+  (full decode), crop, resize to 224 (bilinear), flip, PILToTensor; for float batches
+  also ToTensor's scaling + Normalize per image;
+- reader: :func:`vitray.pipeline.augment.decode_box` (JPEG decoded by libjpeg-turbo at
+  the coarsest DCT scale keeping >= 224 px across the crop, a view of the box resized by
+  torch's uint8 antialiased bilinear, uint8 out) and normalisation per batch of 64,
+  exactly what the Ray Data tasks + collate do;
 - reader, full decode: the same with reduced-scale decode off, to show what the
-  reduced-scale decode itself buys on this corpus.
+  reduced-scale decode itself buys on this corpus;
+- reader in Pillow only: the reader's algorithm (header-first box, reduced-scale
+  ``draft``, one ``resize(box=...)``, normalisation per batch) with Pillow's decoder and
+  resize, to show what the decoder and the resize kernel buy.
+
+Each is timed to uint8 (B, 3, S, S) batches and to normalised float batches. The
+pretraining loop takes uint8 batches and normalises on its device after the copy
+(``ReaderConfig(normalize=False)``), so the uint8 column is the comparison that counts
+there; the float column is what a CPU-only consumer gets.
 
 Throughput is images per CPU-second of this process (``time.process_time``), timed
 image by image with the pipelines interleaved on each image, so other load on the
@@ -40,7 +50,7 @@ STD = torch.tensor(augment.IMAGENET_STD).view(3, 1, 1)
 
 
 def baseline_one(data: bytes, i: int, size: int) -> torch.Tensor:
-    """Full decode, then torchvision-style RandomResizedCrop + flip + ToTensor + Normalize. (3, S, S)."""
+    """Full decode, then torchvision-style RandomResizedCrop + flip + PILToTensor: uint8 (3, S, S)."""
     im = Image.open(io.BytesIO(data)).convert("RGB")
     rng = augment.sample_rng(0, 0, i)
     flip = rng.random() < 0.5
@@ -48,57 +58,101 @@ def baseline_one(data: bytes, i: int, size: int) -> torch.Tensor:
     im = im.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BILINEAR)
     if flip:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    x = torch.from_numpy(np.array(im, copy=True)).permute(2, 0, 1).contiguous().float().div(255)  # ToTensor
-    return x.sub_(MEAN).div_(STD)  # Normalize
+    return torch.from_numpy(np.array(im, copy=True)).permute(2, 0, 1).contiguous()
 
 
+def baseline_normalize(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's ToTensor (float, / 255) + Normalize, per image."""
+    return x.float().div_(255).sub_(MEAN).div_(STD)
+
+
+BASE = "baseline: full decode + RRC + flip (PIL)"
+READER = "reader (reduced-scale decode)"
+FULL = "reader, reduced-scale decode off"
+PILLOW = "reader in Pillow only (draft + resize(box))"
 FLOOR = "floor: the reader's decode alone, no resize"
+BATCH = 64  # collate batch size: stacking and the reader's normalisation run per batch
+
+
+def pillow_reader_one(data: bytes, spec: augment.AugmentSpec, rng: np.random.Generator) -> np.ndarray:
+    """The reader's algorithm with Pillow's decoder and resize (uint8 (3, S, S); flip as a view)."""
+    im = Image.open(io.BytesIO(data))
+    W, H = im.size
+    flip = rng.random() < spec.hflip
+    left, top, w, h = augment.random_resized_crop_box(W, H, spec.crop_scale, spec.crop_ratio, rng)
+    s = augment.draft_scale(min(w, h), spec.image_size)
+    if s > 1 and im.format == "JPEG":
+        im.draft("RGB", (max(1, W // s), max(1, H // s)))
+    rgb = im.convert("RGB")
+    fx, fy = rgb.width / W, rgb.height / H
+    out = np.asarray(rgb.resize((spec.image_size,) * 2, Image.Resampling.BILINEAR,
+                                box=(left * fx, top * fy, (left + w) * fx, (top + h) * fy)))
+    out = out.transpose(2, 0, 1)  # the batch layout (the copy happens on assignment)
+    return out[:, :, ::-1] if flip else out
 
 
 def decode_floor_one(data: bytes, spec: augment.AugmentSpec, rng: np.random.Generator) -> None:
-    """What no variant of the reader can skip: decoding at the scale its crop allows (decode_box up to load())."""
+    """What no variant of the reader can skip: decoding at the scale its crop allows (decode_box minus the resize)."""
     im = Image.open(io.BytesIO(data))
     rng.random()
     _, _, w, h = augment.random_resized_crop_box(im.width, im.height, spec.crop_scale, spec.crop_ratio, rng)
-    s = augment.draft_scale(min(w, h), spec.image_size)
-    if s > 1 and im.format == "JPEG":
-        im.draft("RGB" if im.mode in ("RGB", "YCbCr") else im.mode, (max(1, im.width // s), max(1, im.height // s)))
-    im.load()
+    augment.decode_scaled(data, im, augment.draft_scale(min(w, h), spec.image_size), im.getexif().get(0x0112))
 
 
-def measure(photos: list[bytes], size: int, rounds: int) -> dict[str, float]:
-    """CPU-seconds per pipeline over all photos (best round), measured image by image, interleaved.
+def measure(photos: list[bytes], size: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """{pipeline: (CPU-seconds for uint8 batches, CPU-seconds for normalised float batches)}
+    over all photos, best round; measured image by image, pipelines interleaved.
 
-    Timing the three pipelines on the same image back to back (in rotating order)
-    lets load from other processes hit all of them alike.
+    Timing the pipelines on the same image back to back (in rotating order) lets load
+    from other processes hit all of them alike. Normalisation is timed separately on the
+    same outputs: per image for the baseline (ToTensor + Normalize), per batch for the
+    reader's collate (or on the GPU, where the pretraining loop does it).
     """
-    specs = {"reader (reduced-scale decode)": augment.AugmentSpec(size, train=True),
-             "reader, reduced-scale decode off": augment.AugmentSpec(size, train=True, reduced_decode=False)}
-    names = ["baseline (full decode + torchvision-style RRC)", *specs, FLOOR]
-    best = {name: float("inf") for name in names}
+    spec = augment.AugmentSpec(size, train=True)
+    full = augment.AugmentSpec(size, train=True, reduced_decode=False)
+    names = [BASE, READER, FULL, PILLOW, FLOOR]
+    best: dict[str, tuple[float, float]] = {}
     for _ in range(rounds):
-        cpu = dict.fromkeys(names, 0.0)
-        out = {name: np.empty((len(photos), size, size, 3), dtype=np.uint8) for name in specs}
-        base_out = []
+        decode = dict.fromkeys(names, 0.0)  # per image: up to a uint8 (3, S, S) sample
+        u8 = dict.fromkeys(names, 0.0)  # + the uint8 collate
+        norm = dict.fromkeys(names, 0.0)  # + normalisation and the float collate
+        out = {name: np.empty((len(photos), 3, size, size), dtype=np.uint8) for name in (READER, FULL, PILLOW)}
+        base_u8, base_f = [], []
         for i, data in enumerate(photos):
             for k in range(len(names)):
                 name = names[(i + k) % len(names)]
+                rng = augment.sample_rng(0, 0, i)
                 t0 = time.process_time()
-                if name in specs:
-                    out[name][i] = augment.decode_box(data, specs[name], augment.sample_rng(0, 0, i))
+                if name == BASE:
+                    base_u8.append(baseline_one(data, i, size))
                 elif name == FLOOR:
-                    decode_floor_one(data, specs["reader (reduced-scale decode)"], augment.sample_rng(0, 0, i))
+                    decode_floor_one(data, spec, rng)
+                elif name == PILLOW:
+                    out[name][i] = pillow_reader_one(data, spec, rng)
                 else:
-                    base_out.append(baseline_one(data, i, size))
-                cpu[name] += time.process_time() - t0
-        t0 = time.process_time()
-        torch.stack(base_out)  # the baseline's collate
-        cpu[names[0]] += time.process_time() - t0
-        for name in specs:  # the reader's collate: one batched normalisation
+                    out[name][i] = augment.decode_box(data, spec if name == READER else full, rng)
+                decode[name] += time.process_time() - t0
             t0 = time.process_time()
-            augment.normalize(np.ascontiguousarray(out[name].transpose(0, 3, 1, 2)))
-            cpu[name] += time.process_time() - t0
-        best = {name: min(best[name], cpu[name]) for name in names}
+            base_f.append(baseline_normalize(base_u8[-1]))
+            norm[BASE] += time.process_time() - t0
+        for k in range(0, len(photos), BATCH):  # the collates
+            t0 = time.process_time()
+            torch.stack(base_u8[k:k + BATCH])
+            u8[BASE] += time.process_time() - t0
+            t0 = time.process_time()
+            torch.stack(base_f[k:k + BATCH])
+            norm[BASE] += time.process_time() - t0
+            for name in out:
+                t0 = time.process_time()
+                torch.from_numpy(np.array(out[name][k:k + BATCH]))  # BatchCollate(normalize=False) copies
+                u8[name] += time.process_time() - t0
+                t0 = time.process_time()
+                augment.normalize(out[name][k:k + BATCH])  # BatchCollate(normalize=True)
+                norm[name] += time.process_time() - t0
+        for name in names:
+            got = (decode[name] + u8[name], decode[name] + norm[name])
+            old = best.get(name, got)
+            best[name] = (min(old[0], got[0]), min(old[1], got[1]))
     return best
 
 
@@ -158,16 +212,25 @@ def end_to_end(photos: list[bytes], size: int = 224, batch_size: int = 32) -> st
 def run(photos: list[bytes], *, rounds: int = 2, end_to_end_ray: bool = True) -> str:
     """Measure and return a printable report (see the module docstring)."""
     torch.set_num_threads(1)  # per core: the batched normalisation must not borrow other cores
-    lines = [f"training reader decode+augment, {len(photos)} photos, per core (images per CPU-second, best of {rounds})"]
+    lines = [f"training reader decode+augment, {len(photos)} photos, per core (images per CPU-second, best of "
+             f"{rounds}); uint8 out = up to uint8 (B, 3, S, S) batches; normalised = float batches, "
+             f"normalised on the host (per image in the baseline, per batch of {BATCH} in the reader)"]
     for size in (224, 128):
         cpu = measure(photos, size, rounds)
-        base = next(iter(cpu.values()))
+        base_u8, base_f = cpu[BASE]
         lines.append(f" output {size}x{size}: {drafted_fraction(photos, size):.0%} of photos decoded at reduced scale")
-        for name, seconds in cpu.items():
-            lines.append(f"  {name:48s} {len(photos) / seconds:7.1f} img/s  x{base / seconds:.2f}")
+        lines.append(f"  {'':48s} {'uint8 out':>17s} {'normalised':>19s}")
+        for name, (u8, f) in cpu.items():
+            if name == FLOOR:
+                lines.append(f"  {name:48s} {len(photos) / u8:7.1f} img/s x{base_u8 / u8:.2f}")
+            else:
+                lines.append(f"  {name:48s} {len(photos) / u8:7.1f} img/s x{base_u8 / u8:.2f}"
+                             f"   {len(photos) / f:7.1f} img/s x{base_f / f:.2f}")
         label = "target >= 1.5x" if size == 224 else "lower-resolution pretraining, for comparison"
-        lines.append(f"  ratio reader / baseline at {size}: {base / cpu['reader (reduced-scale decode)']:.2f}x ({label}); "
-                     f"ceiling (baseline / floor): {base / cpu[FLOOR]:.2f}x")
+        r_u8, r_f = cpu[READER]
+        lines.append(f"  ratio reader / baseline at {size} ({label}): {base_u8 / r_u8:.2f}x uint8 out "
+                     f"(the pretraining loop: it normalises on its device), {base_f / r_f:.2f}x normalised on "
+                     f"the host; ceiling (baseline / floor, uint8): {base_u8 / cpu[FLOOR][0]:.2f}x")
     if end_to_end_ray:
         lines.append(end_to_end(photos))
     return "\n".join(lines)

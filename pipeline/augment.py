@@ -5,17 +5,26 @@ aspect ``ratio``, 10 tries then a centre fallback) + horizontal flip. Eval: resi
 the shorter side to ``image_size / crop_pct`` and centre-crop ``image_size``
 (timm's eval transform), done as one resize of the equivalent centre box.
 
-Why this is faster than "decode, then crop": the crop box is drawn from the
-*header* size first (Pillow reads it without decoding), then the JPEG is decoded
-at the coarsest DCT scale (1/2, 1/4, 1/8 via ``Image.draft``) that still leaves
-the crop box at least ``image_size`` pixels on its short side, so no resolution
-the output needs is thrown away. The crop + resize is one ``resize(box=...)``.
+Why this is faster than "decode, then crop" in Pillow:
+
+- the crop box is drawn from the *header* size first (Pillow reads it without
+  decoding), then the JPEG is decoded at the coarsest DCT scale (1/2, 1/4, 1/8) that
+  still leaves the crop box at least ``image_size`` pixels on its short side, so no
+  resolution the output needs is thrown away;
+- plain RGB JPEGs are decoded by libjpeg-turbo through ``simplejpeg`` (measured about
+  20% less CPU than Pillow's decoder, which hands libjpeg's output over scanline by
+  scanline); everything else (CMYK, greyscale, EXIF-rotated, PNG, ...) goes through
+  Pillow as before. libjpeg-turbo's other M/8 scales (7/8, 3/4, ...) are not used: they
+  have no SIMD IDCT and measured slower than the full decode;
+- the crop is a view of the decoded array and the resize is torch's uint8 bilinear
+  with antialiasing (the kernel torchvision's ``Resize`` uses; measured 3x faster than
+  Pillow's ``resize`` here, and within rounding of it).
 
 Randomness is a pure function of ``(seed, epoch, position)`` (:func:`sample_rng`),
 never of which worker or task decodes the sample, so runs are reproducible and
 a resumed run sees the same pixels an uninterrupted run would have.
 
-Outputs are uint8 (H, W, 3); normalisation to float happens batched
+Outputs are uint8 (3, S, S); normalisation to float happens batched
 (:func:`normalize`), where it is one vectorised op instead of one per image.
 """
 
@@ -26,6 +35,9 @@ import math
 import warnings
 
 import numpy as np
+import simplejpeg
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from vitray.pipeline import images
@@ -44,7 +56,7 @@ class AugmentSpec:
     """What one sample goes through; built from ReaderConfig and shipped to Ray Data tasks."""
 
     image_size: int
-    """Output side S in pixels; outputs are (S, S, 3)."""
+    """Output side S in pixels; outputs are (3, S, S)."""
     train: bool
     """RandomResizedCrop + flip if True, else resize + centre crop."""
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -107,7 +119,8 @@ def draft_scale(crop_short: float, image_size: int) -> int:
 
 
 def decode_box(data: bytes, spec: AugmentSpec, rng: np.random.Generator | None) -> np.ndarray:
-    """Decode ``data`` and return the augmented (S, S, 3) uint8 crop.
+    """Decode ``data`` and return the augmented (3, S, S) uint8 crop (channels first, the
+    layout of the batches: no transposing copy after the resize).
 
     rng: the sample's generator (:func:`sample_rng`); unused in eval mode.
     Raises ``images.ImageError`` for undecodable input.
@@ -122,35 +135,72 @@ def decode_box(data: bytes, spec: AugmentSpec, rng: np.random.Generator | None) 
     else:
         flip = False
         left, top, w, h = center_crop_box(width, height, S, spec.crop_pct)
+    s = draft_scale(min(w, h), S) if spec.reduced_decode else 1
+    arr = decode_scaled(data, im, s, orientation)
+    # A reduced decode rounds sizes up; map the box with the actual factors.
+    fx, fy = arr.shape[1] / width, arr.shape[0] / height
+    out = resize_box(arr, (left * fx, top * fy, (left + w) * fx, (top + h) * fy), S)
+    return out[:, :, ::-1] if flip else out
+
+
+def decode_scaled(data: bytes, im: Image.Image, s: int, orientation: int | None) -> np.ndarray:
+    """``data`` (opened as ``im``, header only) decoded to (H, W, 3) uint8 in displayed
+    orientation, at DCT scale 1/s where it is a JPEG (about ceil(size / s)), else in full."""
+    arr = None
+    if im.format == "JPEG" and im.mode == "RGB" and orientation not in _ROTATED:
+        arr = _decode_rgb_jpeg(data, im.size, s)
+    return arr if arr is not None else _decode_pillow(im, s, orientation)
+
+
+def _decode_rgb_jpeg(data: bytes, stored_size: tuple[int, int], s: int) -> np.ndarray | None:
+    """(H/s, W/s, 3) uint8 through libjpeg-turbo, or None to let Pillow decode (or name
+    the problem with) anything libjpeg-turbo warns about: truncated, corrupt, odd."""
+    sw, sh = stored_size
+    want = (-(-sh // s), -(-sw // s))  # libjpeg's scaled size rounds up
+    try:
+        # The smallest M/8 scale giving at least ``want`` is exactly 1/s.
+        arr = simplejpeg.decode_jpeg(data, "RGB", min_height=want[0], min_width=want[1], strict=True)
+    except Exception:  # ValueError for bad data; anything else, Pillow gets its say
+        return None
+    return arr if arr.shape[:2] == want else None
+
+
+def _decode_pillow(im: Image.Image, s: int, orientation: int | None) -> np.ndarray:
     try:
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)
-        s = draft_scale(min(w, h), S) if spec.reduced_decode else 1
         if s > 1 and im.format == "JPEG":
             sw, sh = im.size  # stored (pre-rotation) size; the DCT scale is the same on both axes
             im.draft("RGB" if im.mode in ("RGB", "YCbCr") else im.mode, (max(1, sw // s), max(1, sh // s)))
         im.load()
         if orientation in _ROTATED:  # exif_transpose would copy even when there is nothing to do
             im = ImageOps.exif_transpose(im) or im
-        rgb = images.to_rgb(im)
-        # The reduced decode rounds sizes up; map the box with the actual factors.
-        fx, fy = rgb.width / width, rgb.height / height
-        box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
-        out = rgb.resize((S, S), Image.Resampling.BILINEAR, box=box)
+        return np.asarray(images.to_rgb(im))
     except Exception as exc:  # truncated / corrupt streams raise a zoo of types
         raise images.ImageError(f"corrupt: {type(exc).__name__}: {exc}") from None
-    arr = np.asarray(out)  # (S, S, 3) uint8
-    return arr[:, ::-1] if flip else arr
 
 
-def normalize(batch_u8, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> "torch.Tensor":
-    """uint8 (B, 3, H, W) array or tensor -> float32 tensor (B, 3, H, W), ``(x / 255 - mean) / std``."""
-    import torch  # here, not at module level: decode tasks never need torch
+def resize_box(arr: np.ndarray, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """Crop ``box`` (left, top, right, bottom; rounded to whole pixels) out of an (H, W, 3)
+    uint8 array and resize it to (3, size, size): bilinear, antialiased when shrinking."""
+    H, W = arr.shape[:2]
+    x0, y0 = min(int(round(box[0])), W - 1), min(int(round(box[1])), H - 1)
+    x1, y1 = max(x0 + 1, min(int(round(box[2])), W)), max(y0 + 1, min(int(round(box[3])), H))
+    with warnings.catch_warnings():
+        # Pillow's arrays are read-only; interpolate only reads this one.
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.from_numpy(arr[y0:y1, x0:x1]).permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w) view
+    y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return y[0].numpy()  # (3, S, S), contiguous
 
+
+def normalize(batch_u8, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 (B, 3, H, W) array or tensor -> float32 tensor (B, 3, H, W), ``(x / 255 - mean) / std``,
+    on the tensor's device."""
     with warnings.catch_warnings():
         # Ray hands out read-only zero-copy views; .float() below copies, so nothing writes to them.
         warnings.simplefilter("ignore", UserWarning)
         x = torch.as_tensor(batch_u8)
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, 3, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32).view(1, 3, 1, 1)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     return x.float().mul_(scale).sub_(shift)

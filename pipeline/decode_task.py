@@ -140,7 +140,7 @@ def decode_chunk(batch: dict[str, np.ndarray], *, plan: TaskPlan) -> Iterator[di
         data = table.column("image")
         for lo in range(0, len(positions), plan.out_rows):
             hi = min(lo + plan.out_rows, len(positions))
-            out = np.empty((hi - lo, plan.spec.image_size, plan.spec.image_size, 3), dtype=np.uint8)  # (n, S, S, 3)
+            out = np.empty((hi - lo, 3, plan.spec.image_size, plan.spec.image_size), dtype=np.uint8)  # (n, 3, S, S)
             for i in range(lo, hi):
                 rng = augment.sample_rng(plan.seed, plan.epoch, int(positions[i])) if plan.spec.train else None
                 try:
@@ -149,7 +149,7 @@ def decode_chunk(batch: dict[str, np.ndarray], *, plan: TaskPlan) -> Iterator[di
                     raise RuntimeError(f"sample {sample_ids[i]} ({plan.shard_uris[shards[i]]} row {rows[i]}) "
                                        f"cannot be decoded: {exc.reason}") from None
             result = {
-                "image": np.ascontiguousarray(out.transpose(0, 3, 1, 2)),  # (n, 3, S, S)
+                "image": out,  # (n, 3, S, S)
                 "label": np.array([-1 if v is None else v for v in label[lo:hi]], dtype=np.int64),
                 "sample_id": np.array(sample_ids[lo:hi], dtype=object),
                 "position": positions[lo:hi].copy(),

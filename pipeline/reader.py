@@ -81,6 +81,11 @@ class ReaderConfig:
     """Eval centre-crop fraction of the resized shorter side."""
     mean: tuple[float, float, float] = augment.IMAGENET_MEAN
     std: tuple[float, float, float] = augment.IMAGENET_STD
+    normalize: bool = True
+    """True: "image" is float32, normalised with ``mean``/``std`` on the host. False: it stays
+    uint8 and the consumer normalises it after the copy to its device
+    (``augment.normalize(x.to(device), mean, std)``, as the pretraining loop does): a quarter
+    of the bytes to copy and no float work on the host CPUs, which decode."""
     multi_label: bool = False
     """Also yield "targets": float (B, num_classes) multi-hot from the ``labels`` column."""
     num_classes: int | None = None
@@ -124,16 +129,20 @@ class ReaderConfig:
 class BatchCollate(NumpyBatchCollateFn):
     """Decoded uint8 numpy batch -> training batch.
 
-    {"image": float32 (B, 3, S, S) normalised, "label": int64 (B,), "sample_id": list[str]}
-    (+ "targets": float32 (B, C) when multi-label; + "position": (B,) int64 if ``keep_position``).
+    {"image": float32 (B, 3, S, S) normalised (uint8 if not ``normalize``), "label": int64 (B,),
+    "sample_id": list[str]} (+ "targets": float32 (B, C) when multi-label; + "position": (B,)
+    int64 if ``keep_position``).
     """
 
-    def __init__(self, mean, std, multi_label: bool, keep_position: bool = False):
+    def __init__(self, mean, std, multi_label: bool, keep_position: bool = False, normalize: bool = True):
         self.mean, self.std, self.multi_label, self.keep_position = tuple(mean), tuple(std), multi_label, keep_position
+        self.normalize = normalize
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+        image = (augment.normalize(batch["image"], self.mean, self.std) if self.normalize
+                 else torch.from_numpy(np.array(batch["image"])))  # copy: Ray hands out read-only views
         out = {
-            "image": augment.normalize(batch["image"], self.mean, self.std),  # (B, 3, S, S)
+            "image": image,  # (B, 3, S, S)
             "label": torch.from_numpy(np.array(batch["label"], dtype=np.int64)),  # (B,) copy: Ray hands out read-only views
             "sample_id": [str(s) for s in batch["sample_id"]],
         }
@@ -185,7 +194,7 @@ class ShardReader:
         self._sample_in_epoch = 0
         self._order: EpochOrder | None = None
         # numpy batch of dataset() -> training batch; also a collate_fn for iter_torch_batches.
-        self.collate = BatchCollate(cfg.mean, cfg.std, cfg.multi_label)
+        self.collate = BatchCollate(cfg.mean, cfg.std, cfg.multi_label, normalize=cfg.normalize)
 
     # ------------------------------------------------------------ exclusions
 
@@ -288,7 +297,8 @@ class ShardReader:
         if len(positions):
             ds = self._dataset(order, positions)
             done = 0
-            collate = BatchCollate(self.cfg.mean, self.cfg.std, self.cfg.multi_label, keep_position=True)
+            collate = BatchCollate(self.cfg.mean, self.cfg.std, self.cfg.multi_label, keep_position=True,
+                                   normalize=self.cfg.normalize)
             # Collation (normalisation) runs in Ray's prefetch threads, overlapping the training step.
             for batch in ds.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=False,
                                                prefetch_batches=self.cfg.prefetch_batches):

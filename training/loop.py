@@ -41,6 +41,7 @@ import ray.data
 import ray.train
 import ray.train.torch
 from vitray.config import from_dict, to_dict
+from vitray.pipeline.augment import normalize
 from vitray.training import checkpoint as ckpt
 from vitray.training.config import PretrainConfig
 from vitray.training.metrics import IntervalTimer, MetricsLogger, device_peak_flops
@@ -117,9 +118,11 @@ def compute_loss(logits: torch.Tensor, batch: dict, cfg: PretrainConfig) -> torc
 def build_reader(cfg: PretrainConfig):
     from vitray.pipeline.reader import ReaderConfig, ShardReader
 
+    # uint8 batches: forward_backward normalises them on the training device.
+    options = {"normalize": False, **cfg.data.reader}
     rc = ReaderConfig(shards=cfg.data.shards, exclude=list(cfg.data.exclude), image_size=cfg.model.img_size,
                       train=True, seed=cfg.seed, storage=cfg.data.storage, multi_label=cfg.data.multi_label,
-                      num_classes=cfg.model.num_classes if cfg.data.multi_label else None, **cfg.data.reader)
+                      num_classes=cfg.model.num_classes if cfg.data.multi_label else None, **options)
     return ShardReader(rc)
 
 
@@ -267,7 +270,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         _seed_step(cfg.seed, rank, step)
         lr = schedule.apply()
         poison = _fault(fault, "nan", step + 1, rank)
-        out = forward_backward(train_model, core, lambda: next(batches), cfg, device, world, poison=poison)
+        out = forward_backward(train_model, core, lambda: next(batches), cfg, device, world, poison=poison,
+                               mean_std=(reader.cfg.mean, reader.cfg.std))
         loss_value, grad_norm = out.loss, out.grad_norm
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             # Every rank sees the same all-reduced values, so all stop here together; the
@@ -311,11 +315,12 @@ class StepOutput:
 
 
 def forward_backward(train_model, core, next_batch, cfg: PretrainConfig, device: torch.device, world: int,
-                     poison: bool = False) -> StepOutput:
+                     poison: bool = False, mean_std: tuple | None = None) -> StepOutput:
     """Accumulate gradients over ``cfg.grad_accum_steps`` micro-batches, all-reduce them
     (on the last one only), clip. The caller steps the optimizer if the result is finite.
 
     ``train_model`` is what runs forward (maybe compiled); ``core`` the DDP/FSDP module.
+    uint8 images are normalised on ``device`` with ``mean_std`` = (mean, std).
     """
     accum = cfg.grad_accum_steps
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
@@ -327,6 +332,8 @@ def forward_backward(train_model, core, next_batch, cfg: PretrainConfig, device:
         batch = next_batch()
         data_wait += time.perf_counter() - t0
         images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W)
+        if images.dtype == torch.uint8:
+            images = normalize(images, *mean_std)
         targets = {k: batch[k].to(device, non_blocking=True) for k in ("label", "targets") if k in batch}
         with _grad_sync(core, enabled=micro == accum - 1), autocast:
             logits = train_model(images)  # (B, num_classes)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from reader_fixtures import ShardSet, cifar_items, photo_items, unnormalize, write_shards
 from vitray.config import ConfigError
-from vitray.pipeline import augment
+from vitray.pipeline import augment, images
 from vitray.pipeline.order import rank_positions
 from vitray.pipeline.reader import ReaderConfig, ShardReader
 
@@ -83,6 +83,15 @@ def test_eval_batches_are_normalised_pixels_in_manifest_order(ray_local, shards)
 
     again = epoch_batches(reader, 16)  # eval is deterministic across epochs and runs
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(batches, again))
+
+
+def test_uint8_batches_normalise_on_the_consumer_to_the_same_floats(ray_local, shards):
+    floats = epoch_batches(ShardReader(config(shards, train=False)), 50)
+    raw = epoch_batches(ShardReader(config(shards, train=False, normalize=False)), 50)
+    assert raw[0]["image"].dtype == torch.uint8 and raw[0]["image"].shape == (50, 3, 32, 32)
+    assert [b["sample_id"] for b in raw] == [b["sample_id"] for b in floats]
+    for f, u in zip(floats, raw):
+        assert torch.equal(f["image"], augment.normalize(u["image"]))
 
 
 def test_train_order_and_pixels_are_pure_functions_of_seed_and_epoch(ray_local, shards):
@@ -303,11 +312,58 @@ def test_reduced_scale_decode_matches_full_decode(photos_table):
         for i, it in enumerate(big):
             a = augment.decode_box(it.image, spec, augment.sample_rng(0, 0, i)).astype(np.float32)
             b = augment.decode_box(it.image, full, augment.sample_rng(0, 0, i)).astype(np.float32)
-            assert a.shape == b.shape == (64, 64, 3)
+            assert a.shape == b.shape == (3, 64, 64)
             assert np.abs(a - b).mean() < 6.0, f"photo {i}: reduced decode drifted from the full decode"
     # The draft keeps at least image_size pixels across the crop.
     assert augment.draft_scale(1000, 224) == 4 and augment.draft_scale(447, 224) == 1
     assert augment.draft_scale(448, 224) == 2 and augment.draft_scale(5000, 64) == 8
+
+
+def test_libjpeg_turbo_decode_gives_pillows_pixels(photos_table):
+    """The fast path (simplejpeg) is Pillow's decode, pixel for pixel, at full and reduced scale."""
+    checked = 0
+    for it in photo_items(photos_table, 40):
+        im = Image.open(io.BytesIO(it.image))
+        if im.format != "JPEG" or im.mode != "RGB":
+            continue
+        for s in (1, 2, 4):
+            fast = augment._decode_rgb_jpeg(it.image, im.size, s)
+            slow = augment._decode_pillow(Image.open(io.BytesIO(it.image)), s, None)
+            assert fast is not None and fast.shape == slow.shape and np.array_equal(fast, slow), (it.source, s)
+        checked += 1
+    assert checked >= 20
+
+
+def test_resize_box_is_pillows_bilinear_within_rounding(photos_table):
+    for it in photo_items(photos_table, 8):
+        arr = np.asarray(Image.open(io.BytesIO(it.image)).convert("RGB"))
+        H, W = arr.shape[:2]
+        # shrink a lot, shrink a little, enlarge, and a thin box
+        for box in [(0, 0, W, H), (W // 4, H // 5, W // 4 + 90, H // 5 + 80), (10, 12, 50, 44), (0, 5, W, 25)]:
+            got = augment.resize_box(arr, box, 64).transpose(1, 2, 0)  # (3, S, S) -> (S, S, 3)
+            want = np.asarray(Image.fromarray(arr).resize((64, 64), Image.Resampling.BILINEAR, box=box))
+            diff = np.abs(got.astype(np.int32) - want)
+            assert got.shape == (64, 64, 3) and got.dtype == np.uint8
+            # Inside, within rounding. At the edges Pillow's filter reads pixels beyond the box;
+            # the crop here stops at the box, as torchvision's crop-then-resize does.
+            assert diff.mean() < 0.5 and diff[3:-3, 3:-3].max() <= 1, (it.source, box, diff.mean(), diff.max())
+
+
+def test_jpegs_off_the_fast_path_decode_right_or_fail_clearly(photos_table):
+    data = photo_items(photos_table, 1)[0].image
+    spec = augment.AugmentSpec(64, train=False, crop_pct=1.0)
+    with pytest.raises(images.ImageError, match="corrupt"):
+        augment.decode_box(data[: len(data) // 2], spec, None)  # truncated: libjpeg-turbo warns, Pillow names it
+    with pytest.raises(images.ImageError, match="corrupt"):
+        augment.decode_box(data[:600] + bytes(len(data) - 600), spec, None)  # scan data zeroed
+    rgb = Image.open(io.BytesIO(data)).convert("RGB").resize((96, 72))
+    for mode in ("CMYK", "L"):  # Pillow's path, which converts to RGB
+        buf = io.BytesIO()
+        rgb.convert(mode).save(buf, "JPEG", quality=95)
+        shown = rgb.convert(mode).convert("RGB")
+        want = np.asarray(shown.resize((64, 64), Image.Resampling.BILINEAR, box=(12, 0, 84, 72)))
+        got = augment.decode_box(buf.getvalue(), spec, None).transpose(1, 2, 0)
+        assert np.abs(got.astype(np.float32) - want).mean() < 6.0, mode
 
 
 def test_random_resized_crop_box_follows_torchvision_bounds():
@@ -331,7 +387,7 @@ def test_exif_rotation_is_applied_before_cropping(photos_table):
     w, h = shown.size
     s = min(w, h)
     want = np.asarray(shown.resize((64, 64), Image.Resampling.BILINEAR, box=((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)))
-    got = augment.decode_box(buf.getvalue(), augment.AugmentSpec(64, train=False, crop_pct=1.0), None)
+    got = augment.decode_box(buf.getvalue(), augment.AugmentSpec(64, train=False, crop_pct=1.0), None).transpose(1, 2, 0)
     assert np.abs(got.astype(np.float32) - want).mean() < 6.0
     W0, H0 = im.size  # stored orientation: the wrong one
     unrotated = np.asarray(im.resize((64, 64), Image.Resampling.BILINEAR,

@@ -35,7 +35,6 @@ import math
 import warnings
 
 import numpy as np
-import simplejpeg
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
@@ -46,7 +45,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _AUGMENT_STREAM = 0x41554731  # separates augmentation randomness from the order's stream
-_ROTATED = {2, 3, 4, 5, 6, 7, 8}  # EXIF orientations that need a transpose
+_ROTATED = images.ROTATED_ORIENTATIONS
 DRAFT_SCALES = (8, 4, 2)
 """JPEG DCT scale denominators Pillow's ``draft`` can decode at."""
 
@@ -148,21 +147,8 @@ def decode_scaled(data: bytes, im: Image.Image, s: int, orientation: int | None)
     orientation, at DCT scale 1/s where it is a JPEG (about ceil(size / s)), else in full."""
     arr = None
     if im.format == "JPEG" and im.mode == "RGB" and orientation not in _ROTATED:
-        arr = _decode_rgb_jpeg(data, im.size, s)
+        arr = images.decode_jpeg_rgb(data, im.size, s)
     return arr if arr is not None else _decode_pillow(im, s, orientation)
-
-
-def _decode_rgb_jpeg(data: bytes, stored_size: tuple[int, int], s: int) -> np.ndarray | None:
-    """(H/s, W/s, 3) uint8 through libjpeg-turbo, or None to let Pillow decode (or name
-    the problem with) anything libjpeg-turbo warns about: truncated, corrupt, odd."""
-    sw, sh = stored_size
-    want = (-(-sh // s), -(-sw // s))  # libjpeg's scaled size rounds up
-    try:
-        # The smallest M/8 scale giving at least ``want`` is exactly 1/s.
-        arr = simplejpeg.decode_jpeg(data, "RGB", min_height=want[0], min_width=want[1], strict=True)
-    except Exception:  # ValueError for bad data; anything else, Pillow gets its say
-        return None
-    return arr if arr.shape[:2] == want else None
 
 
 def _decode_pillow(im: Image.Image, s: int, orientation: int | None) -> np.ndarray:

@@ -4,6 +4,12 @@
 see it (EXIF rotation applied, first frame of animations, transparency flattened
 onto white, CMYK/16-bit/palette converted), or raises :class:`ImageError` with a
 short machine-groupable reason. It never returns a half-decoded image.
+
+Plain RGB JPEGs (the bulk of any photo corpus) are decoded by libjpeg-turbo through
+``simplejpeg`` (:func:`decode_jpeg_rgb`): the same pixels as Pillow's decoder (tested)
+for about 20% less CPU, since Pillow hands libjpeg's output over scanline by scanline.
+Anything libjpeg-turbo warns about goes through Pillow, which decodes it or names the
+problem.
 """
 
 from __future__ import annotations
@@ -13,12 +19,14 @@ import io
 import warnings
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own default bomb limit, made explicit and configurable
 
-# EXIF orientations 5..8 swap width and height when displayed.
+# EXIF orientations 5..8 swap width and height when displayed; 2..8 need a transpose.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+ROTATED_ORIENTATIONS = {2, 3, 4, 5, 6, 7, 8}
 
 
 class ImageError(Exception):
@@ -62,14 +70,39 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     return im
 
 
+def orientation(im: Image.Image) -> int | None:
+    """EXIF orientation tag (1..8), or None where there is none or it is unreadable."""
+    try:
+        return im.getexif().get(0x0112)
+    except Exception:
+        return None
+
+
 def displayed_size(im: Image.Image) -> tuple[int, int]:
     """Full-resolution (width, height) after EXIF rotation."""
     w, h = im.size
+    return (h, w) if orientation(im) in _TRANSPOSED_ORIENTATIONS else (w, h)
+
+
+def draft_scale(width: int, height: int, side: int) -> int:
+    """The JPEG DCT scale denominator (8, 4, 2 or 1) Pillow's ``draft`` picks for a requested
+    ``(side, side)``: the largest that keeps both sides >= ``side``."""
+    ratio = min(width // side, height // side)
+    return next((s for s in (8, 4, 2) if ratio >= s), 1)
+
+
+def decode_jpeg_rgb(data: bytes, stored_size: tuple[int, int], s: int = 1) -> np.ndarray | None:
+    """A JPEG whose Pillow mode is RGB, decoded by libjpeg-turbo at DCT scale 1/s:
+    (ceil(H/s), ceil(W/s), 3) uint8 in stored orientation, Pillow's pixels exactly. None for
+    anything libjpeg-turbo warns about (truncated, corrupt, odd): Pillow gets its say then."""
+    sw, sh = stored_size
+    want = (-(-sh // s), -(-sw // s))  # libjpeg's scaled size rounds up, as Pillow's draft does
     try:
-        orientation = im.getexif().get(0x0112)
-    except Exception:
-        orientation = None
-    return (h, w) if orientation in _TRANSPOSED_ORIENTATIONS else (w, h)
+        # The smallest M/8 scale giving at least ``want`` is exactly 1/s.
+        arr = simplejpeg.decode_jpeg(data, "RGB", min_height=want[0], min_width=want[1], strict=True)
+    except Exception:  # ValueError for bad data; anything else, Pillow decides
+        return None
+    return arr if arr.shape[:2] == want else None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -107,6 +140,10 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int
     im = open_image(data, max_pixels)
     fmt = im.format or "UNKNOWN"
     width, height = displayed_size(im)
+    if fmt == "JPEG" and im.mode == "RGB" and orientation(im) not in ROTATED_ORIENTATIONS:
+        arr = decode_jpeg_rgb(data, im.size, draft_scale(*im.size, draft_size) if draft_size else 1)
+        if arr is not None:
+            return Decoded(image=Image.fromarray(arr, "RGB"), width=width, height=height, format=fmt)
     try:
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)  # animations: the first frame is the sample

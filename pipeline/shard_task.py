@@ -42,12 +42,6 @@ def shard_path(dst_root: str, index: int) -> str:
 
 # ---------------------------------------------------------------- one sample
 
-def _draft_scale(width: int, height: int, side: int) -> int:
-    """The DCT scale PIL's ``JpegImageFile.draft`` picks for a requested ``(side, side)``."""
-    ratio = min(width // side, height // side)
-    return next((s for s in (8, 4, 2) if ratio >= s), 1)
-
-
 def encode_sample(data: bytes, max_pixels: int, max_side: int | None, quality: int) -> dict:
     """Shard-row fields of one encoded image; raises ``images.ImageError`` for bad input.
 
@@ -67,8 +61,9 @@ def encode_sample(data: bytes, max_pixels: int, max_side: int | None, quality: i
         return row
     # Decode once more at the DCT scale that still covers max_side, unless the hash
     # decode already ran at that scale (non-JPEGs, or small JPEGs): then reuse it.
+    w, h = hd.width, hd.height
     same_scale = hd.format != "JPEG" or (
-        _draft_scale(hd.width, hd.height, hashes.HASH_DECODE_SIDE) == _draft_scale(hd.width, hd.height, max_side))
+        images.draft_scale(w, h, hashes.HASH_DECODE_SIDE) == images.draft_scale(w, h, max_side))
     im = hd.image if same_scale else images.decode(data, max_pixels=max_pixels, draft_size=max_side).image
     scale = max_side / short
     size = (max(1, round(hd.width * scale)), max(1, round(hd.height * scale)))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitray.pipeline import hashes
+from vitray.pipeline import hashes, images
 
 
 def _imagehash_int(h) -> int:
@@ -54,3 +54,22 @@ def test_hamming_is_popcount_of_xor():
     a = np.array([0, 0xFFFFFFFFFFFFFFFF, 0b1011], dtype=np.uint64)
     b = np.array([0, 0, 0b0001], dtype=np.uint64)
     assert hashes.hamming(a, b).tolist() == [0, 64, 2]
+
+
+def test_libjpeg_turbo_decode_is_pillows_decode_so_hashes_do_not_move(photos_table):
+    """images.decode takes plain RGB JPEGs through simplejpeg; the pixels (and so every stored
+    hash) are those of Pillow's decoder, at full and at the hash's reduced scale."""
+    checked = 0
+    for data in photos_table.column("image").to_pylist()[:60]:
+        im = Image.open(io.BytesIO(data))
+        if im.format != "JPEG" or im.mode != "RGB" or images.orientation(im) in images.ROTATED_ORIENTATIONS:
+            continue
+        for draft in (None, hashes.HASH_DECODE_SIDE):
+            fast = images.decode(data, draft_size=draft).image
+            slow = Image.open(io.BytesIO(data))
+            if draft:
+                slow.draft("RGB", (draft, draft))
+            slow = slow.convert("RGB")
+            assert fast.size == slow.size and np.array_equal(np.asarray(fast), np.asarray(slow))
+        checked += 1
+    assert checked >= 30

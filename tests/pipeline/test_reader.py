@@ -327,7 +327,7 @@ def test_libjpeg_turbo_decode_gives_pillows_pixels(photos_table):
         if im.format != "JPEG" or im.mode != "RGB":
             continue
         for s in (1, 2, 4):
-            fast = augment._decode_rgb_jpeg(it.image, im.size, s)
+            fast = images.decode_jpeg_rgb(it.image, im.size, s)
             slow = augment._decode_pillow(Image.open(io.BytesIO(it.image)), s, None)
             assert fast is not None and fast.shape == slow.shape and np.array_equal(fast, slow), (it.source, s)
         checked += 1

@@ -93,10 +93,7 @@ def pillow_reader_one(data: bytes, spec: augment.AugmentSpec, rng: np.random.Gen
 
 def decode_floor_one(data: bytes, spec: augment.AugmentSpec, rng: np.random.Generator) -> None:
     """What no variant of the reader can skip: decoding at the scale its crop allows (decode_box minus the resize)."""
-    im = Image.open(io.BytesIO(data))
-    rng.random()
-    _, _, w, h = augment.random_resized_crop_box(im.width, im.height, spec.crop_scale, spec.crop_ratio, rng)
-    augment.decode_scaled(data, im, augment.draft_scale(min(w, h), spec.image_size), im.getexif().get(0x0112))
+    augment.decode_source(data, spec, rng)
 
 
 def measure(photos: list[bytes], size: int, rounds: int) -> dict[str, tuple[float, float]]:

@@ -73,3 +73,62 @@ def test_libjpeg_turbo_decode_is_pillows_decode_so_hashes_do_not_move(photos_tab
             assert fast.size == slow.size and np.array_equal(np.asarray(fast), np.asarray(slow))
         checked += 1
     assert checked >= 30
+
+
+def _with_app1(jpeg: bytes, payload: bytes) -> bytes:
+    """``jpeg`` with an APP1 segment holding ``payload`` right after SOI."""
+    return jpeg[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+
+
+def _tiff_orientation(value: int, order: str) -> bytes:
+    bo = "little" if order == "II" else "big"
+    entry = (0x0112).to_bytes(2, bo) + (3).to_bytes(2, bo) + (1).to_bytes(4, bo) + value.to_bytes(2, bo) + b"\0\0"
+    other = (0x010F).to_bytes(2, bo) + (2).to_bytes(2, bo) + (4).to_bytes(4, bo) + b"abc\0"  # Make, inline
+    return (b"Exif\0\0" + order.encode() + (42).to_bytes(2, bo) + (8).to_bytes(4, bo) + (2).to_bytes(2, bo)
+            + other + entry + (0).to_bytes(4, bo))
+
+
+def test_jpeg_info_reads_what_pillow_reads(photos_table):
+    """The reader's header fast path: size and EXIF orientation as Pillow sees them."""
+    datas = photos_table.column("image").to_pylist()
+    n = 0
+    for data in datas:
+        info = images.jpeg_info(data)
+        im = Image.open(io.BytesIO(data))
+        if info is None:
+            assert im.format != "JPEG" or im.mode != "RGB" or data[:2] != b"\xff\xd8"
+            continue
+        assert info == (im.width, im.height, images.orientation(im))
+        n += 1
+    assert n >= 400
+    base = datas[next(i for i, d in enumerate(datas) if images.jpeg_info(d))]
+    for order in ("II", "MM"):
+        for value in (1, 3, 6, 8):
+            data = _with_app1(base, _tiff_orientation(value, order))
+            assert images.jpeg_info(data)[2] == value == images.orientation(Image.open(io.BytesIO(data))), order
+    xmp = _with_app1(base, b"http://ns.adobe.com/xap/1.0/\0<x:xmpmeta/>")  # an APP1 that is not EXIF
+    assert images.jpeg_info(_with_app1(xmp, _tiff_orientation(6, "II")))[2] == 6
+    xmp6 = _with_app1(base, b'http://ns.adobe.com/xap/1.0/\0<rdf:Description tiff:Orientation="6"/>')
+    assert images.jpeg_info(xmp6)[2] == 6 == images.orientation(Image.open(io.BytesIO(xmp6)))  # Pillow reads XMP too
+    assert images.jpeg_info(b"") is None and images.jpeg_info(b"\xff\xd8\xff") is None
+    assert images.jpeg_info(_with_app1(base, b"Exif\0\0II*\0\xff\xff\xff\x7f")) is None  # unsure: Pillow decides
+    grey = io.BytesIO()
+    Image.open(io.BytesIO(base)).convert("L").save(grey, "JPEG")
+    assert images.jpeg_info(grey.getvalue()) is None  # greyscale and CMYK go through Pillow
+
+
+def test_fast_jpeg_path_keeps_the_bomb_limit_and_mpo_format(photos_table):
+    data = next(d for d in photos_table.column("image").to_pylist() if images.jpeg_info(d))
+    w, h, _ = images.jpeg_info(data)
+    with pytest.raises(images.ImageError, match="decompression bomb"):
+        images.decode(data, max_pixels=w * h - 1)
+    from vitray.pipeline import augment
+
+    with pytest.raises(images.ImageError, match="decompression bomb"):
+        augment.decode_box(data, augment.AugmentSpec(32, train=False, max_pixels=w * h - 1), None)
+    assert images.decode(data, max_pixels=w * h).width == w
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    buf = io.BytesIO()
+    im.save(buf, "MPO", save_all=True, append_images=[im.rotate(90)])
+    assert images.jpeg_info(buf.getvalue()) is None  # multi-picture: Pillow's path, which names it MPO
+    assert images.decode(buf.getvalue()).format == "MPO"

@@ -349,6 +349,18 @@ def test_resize_box_is_pillows_bilinear_within_rounding(photos_table):
             assert diff.mean() < 0.5 and diff[3:-3, 3:-3].max() <= 1, (it.source, box, diff.mean(), diff.max())
 
 
+def test_enlarging_without_antialias_gives_the_antialiased_pixels():
+    import torch.nn.functional as F
+
+    arr = np.random.default_rng(0).integers(0, 256, (100, 90, 3), dtype=np.uint8)
+    for box in [(0, 0, 90, 100), (5, 7, 60, 41), (0, 0, 64, 64)]:  # every side <= 64 -> 64: enlarging
+        got = augment.resize_box(arr, box, 64)
+        x = torch.from_numpy(np.ascontiguousarray(arr[box[1]:box[3], box[0]:box[2]])).permute(2, 0, 1)[None]
+        want = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)[0].numpy()
+        if box[2] - box[0] <= 64 and box[3] - box[1] <= 64:
+            assert np.array_equal(got, want), box
+
+
 def test_jpegs_off_the_fast_path_decode_right_or_fail_clearly(photos_table):
     data = photo_items(photos_table, 1)[0].image
     spec = augment.AugmentSpec(64, train=False, crop_pct=1.0)

@@ -7,8 +7,8 @@ the shorter side to ``image_size / crop_pct`` and centre-crop ``image_size``
 
 Why this is faster than "decode, then crop" in Pillow:
 
-- the crop box is drawn from the *header* size first (Pillow reads it without
-  decoding), then the JPEG is decoded at the coarsest DCT scale (1/2, 1/4, 1/8) that
+- the crop box is drawn from the *header* size first (read from the JPEG markers, or by
+  Pillow for other formats, without decoding), then the JPEG is decoded at the coarsest DCT scale (1/2, 1/4, 1/8) that
   still leaves the crop box at least ``image_size`` pixels on its short side, so no
   resolution the output needs is thrown away;
 - plain RGB JPEGs are decoded by libjpeg-turbo through ``simplejpeg`` (measured about

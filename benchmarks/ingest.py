@@ -206,7 +206,8 @@ def timed(fn, *args) -> tuple[float, int]:
 
 
 def throughput(photos: list[dict], repeat: int, reps: int, tmp: str, s3_repeat: int | None = None,
-               target_mib: int = 8, sources: tuple[str, ...] = ("local", "s3")) -> str:
+               target_mib: int = 8, sources: tuple[str, ...] = ("local", "s3"),
+               max_sides: tuple[int | None, ...] = (None, 256)) -> str:
     import multiprocessing
 
     import ray
@@ -248,7 +249,7 @@ def throughput(photos: list[dict], repeat: int, reps: int, tmp: str, s3_repeat: 
         for name, src, opts in (("local", local_src, StorageOptions()), ("s3", s3_src, s3_opts)):
             if name not in sources:
                 continue
-            for max_side in (None, 256):
+            for max_side in max_sides:
                 best = {k: 0.0 for k in ("plain", "plain2", "shard", "naive", "cpu_plain", "cpu_plain2",
                                          "cpu_shard")}
                 for rep in range(reps):
@@ -404,6 +405,8 @@ def main() -> None:
     ap.add_argument("--target-mib", type=int, default=8, help="shard size of part 1, MiB")
     ap.add_argument("--sources", default="local,s3", help="part 1 sources: local, s3 or both")
     ap.add_argument("--reps", type=int, default=2, help="timed repetitions per cell (best is reported)")
+    ap.add_argument("--max-sides", default="none,256",
+                    help="part 1 re-encode settings: none (keep the bytes) and/or a shorter-side cap")
     ap.add_argument("--skip-reader", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
@@ -418,8 +421,9 @@ def main() -> None:
     photos = load_photos()
     sections = []
     try:
+        max_sides = tuple(None if v.strip().lower() == "none" else int(v) for v in args.max_sides.split(","))
         sections.append(throughput(photos, args.repeat, args.reps, tmp, args.s3_repeat, args.target_mib,
-                                   tuple(args.sources.split(","))))
+                                   tuple(args.sources.split(",")), max_sides))
         print(sections[-1], flush=True)
         sys.path.insert(0, HERE)
         if args.skip_reader:

@@ -155,23 +155,16 @@ def decode_source(data: bytes, spec: AugmentSpec, rng: np.random.Generator | Non
         arr = images.decode_jpeg_rgb(data, (width, height), s)
         if arr is None:  # libjpeg-turbo balked: Pillow decodes it or names the problem
             arr = _decode_pillow(images.open_image(data, spec.max_pixels), s, orientation)
-    else:
-        arr = _decode_scaled(data, im, s, orientation)
+    else:  # not a plain JPEG (PNG, CMYK, greyscale, EXIF-rotated, ...): Pillow's path
+        arr = _decode_pillow(im, s, orientation)
     # A reduced decode rounds sizes up; map the box with the actual factors.
     fx, fy = arr.shape[1] / width, arr.shape[0] / height
     return arr, (left * fx, top * fy, (left + w) * fx, (top + h) * fy), flip
 
 
-def _decode_scaled(data: bytes, im: Image.Image, s: int, orientation: int | None) -> np.ndarray:
-    """``data`` (opened as ``im``, header only) decoded to (H, W, 3) uint8 in displayed
-    orientation, at DCT scale 1/s where it is a JPEG (about ceil(size / s)), else in full."""
-    arr = None
-    if im.format == "JPEG" and im.mode == "RGB" and orientation not in _ROTATED:
-        arr = images.decode_jpeg_rgb(data, im.size, s)
-    return arr if arr is not None else _decode_pillow(im, s, orientation)
-
-
 def _decode_pillow(im: Image.Image, s: int, orientation: int | None) -> np.ndarray:
+    """``im`` (opened, header only) decoded to (H, W, 3) uint8 in displayed orientation, at
+    DCT scale 1/s where it is a JPEG (about ceil(size / s)), else in full."""
     try:
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)

@@ -121,8 +121,6 @@ def jpeg_info(data: bytes) -> tuple[int, int, int | None] | None:
         exif, xmp = _metadata_segments(data)
     except _MultiPicture:
         return None
-    if exif is None and xmp is None:
-        return w, h, None
     try:
         found = _ifd0_orientation(exif) if exif is not None else None
     except (ValueError, IndexError):

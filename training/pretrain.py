@@ -106,6 +106,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     if not cfg.run.name:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(
             cfg.run, name=time.strftime("pretrain-%Y%m%d-%H%M%S")))
+    cfg = with_absolute_data_paths(cfg)
     lineage = data_lineage_checked(cfg)
     fs, base = storage.resolve(cfg.run.storage_path, cfg.run.storage)
     run_path = f"{base}/{cfg.run.name}"
@@ -153,6 +154,16 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
             f"updating the weights. Last good checkpoint: {final or 'none'}")
     return PretrainResult(run_uri=run_uri, step=int(metrics.get("step", start)), checkpoint=final,
                           metrics=metrics, lineage=lineage)
+
+
+def with_absolute_data_paths(cfg: PretrainConfig) -> PretrainConfig:
+    """Local data paths made absolute here, in the driver: Ray Train workers run in a
+    directory of their own, where a relative ``data.shards`` would name nothing."""
+    d = cfg.data
+    data = dataclasses.replace(d, shards=storage.absolute(d.shards) if d.shards else d.shards,
+                               exclude=[storage.absolute(u) for u in d.exclude],
+                               dedup_indexes=[storage.absolute(u) for u in d.dedup_indexes])
+    return dataclasses.replace(cfg, data=data)
 
 
 def scheme_is_local(uri: str) -> bool:

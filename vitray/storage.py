@@ -99,6 +99,15 @@ def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileS
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
+def absolute(uri: str) -> str:
+    """``uri`` with a local path made absolute (``~`` expanded) against this process's working
+    directory; object-store URIs unchanged. For paths handed to processes that run elsewhere
+    (Ray Train workers start in their own directory)."""
+    if scheme_of(uri) == "file" and not uri.startswith("file://"):
+        return os.path.abspath(os.path.expanduser(uri))
+    return uri
+
+
 def join(uri: str, *parts: str) -> str:
     """Join URI components with ``/`` (never the OS separator, never Path)."""
     if scheme_of(uri) == "file" and not uri.startswith("file://"):

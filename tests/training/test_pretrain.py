@@ -166,6 +166,21 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(ray_local, tiny_cor
     assert [e["step"] for e in events(run, "nonfinite")] == [3]
 
 
+def test_relative_local_paths_reach_the_train_workers(ray_local, tiny_corpus, tiny_config, tmp_path, monkeypatch):
+    """`vitray demo --out demo-out` style: relative paths, resolved in the driver's directory,
+    not in the Ray Train workers' own one."""
+    root = os.path.dirname(tiny_corpus.shards)
+    monkeypatch.chdir(os.path.dirname(root))
+    rel = os.path.basename(root)
+    cfg = tiny_config(tiny_corpus, str(tmp_path / "runs"), "relative", steps=2)
+    cfg.data.shards = f"{rel}/shards"
+    cfg.data.exclude = [f"{rel}/dedup/exclude.txt"]
+    cfg.data.dedup_indexes = [f"{rel}/dedup/index.json"]
+    result = run_pretrain(cfg)
+    assert result.step == 2 and result.checkpoint
+    assert result.lineage["corpus"]["uri"] == tiny_corpus.shards  # recorded absolute
+
+
 def _download(s3, key: str) -> str:
     import tempfile
 

@@ -13,7 +13,10 @@ rank, the Ray Train wiring, real data.
 
 Prints, per configuration, the loss at the first and last step (a fixed set of batches,
 so it must fall), the median step time and MFU; then the largest difference between a
-run that continues in memory and one resumed from serialised checkpoint bytes.
+run that continues in memory and one resumed from serialised checkpoint bytes. With
+``--input-check``, the first configuration also runs on uint8 host batches as the training
+reader yields them (through its ``BatchCollate``), pageable and pinned, against batches
+already on the device.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 import time
 import types
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -94,6 +98,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def host_batches(cfg: PretrainConfig, n_distinct: int, pin: bool) -> list[dict]:
+    """uint8 micro-batches on the host, collated by the reader's ``BatchCollate`` as the training
+    reader hands them out (``pin``: its ``pin_memory``); the loop copies and normalises them."""
+    from vitray.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+    from vitray.pipeline.reader import BatchCollate
+
+    collate = BatchCollate(IMAGENET_MEAN, IMAGENET_STD, multi_label=False, normalize=False, pin_memory=pin)
+    rng = np.random.default_rng(1234)
+    size, b = cfg.model.img_size, cfg.micro_batch_size
+    return [collate({"image": rng.integers(0, 256, (b, 3, size, size), dtype=np.uint8),
+                     "label": rng.integers(0, NUM_CLASSES, b), "sample_id": np.array([str(i) for i in range(b)])})
+            for _ in range(n_distinct)]
+
+
 def batches(cfg: PretrainConfig, n_distinct: int, device: torch.device) -> list[dict]:
     """``n_distinct`` fixed micro-batches (cycled), made on the CPU from a fixed seed."""
     gen = torch.Generator().manual_seed(1234)
@@ -117,6 +135,7 @@ class Run:
         self.optimizer = loop.build_optimizer(self.core, cfg)
         self.train_model = torch.compile(self.core) if cfg.compile else self.core
         self.step = 0
+        self.mean_std = None  # (mean, std) when the batches are uint8
 
     def train(self, data: list[dict], steps: int) -> tuple[list[float], list[float]]:
         """(losses, step seconds) for ``steps`` optimizer steps."""
@@ -128,7 +147,7 @@ class Run:
             sync(self.device)
             t0 = time.perf_counter()
             out = loop.forward_backward(self.train_model, self.core, lambda: next(micro), self.cfg,
-                                        self.device, world=1)
+                                        self.device, world=1, mean_std=self.mean_std)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             sync(self.device)
@@ -150,6 +169,37 @@ class Run:
         loop._load_train_state(self.core, self.optimizer, state)
         ckpt.restore_rng(state.rng)
         self.step = state.step
+
+
+def input_check(args, device: torch.device) -> int:
+    """The first configuration fed from device-resident float batches (no copy), then from uint8
+    host batches as the reader yields them: pageable, and pinned (``ReaderConfig.pin_memory``).
+    Returns the number of problems (a loss that did not fall)."""
+    from vitray.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    strategy, precision, compile_ = args.configs[0]
+    cfg = make_cfg(args, strategy, precision, compile_)
+    print(f"input path ({strategy}, {precision}, compile={compile_}; {cfg.micro_batch_size * 2} images per step):")
+    print(f"  {'batches':34} {'pinned':>6} {'loss@1':>8} {'loss@end':>8} {'ms/step':>8} {'img/s':>8}")
+    problems, base = 0, None
+    for name in ("float, already on the device", "uint8 on the host, pageable", "uint8 on the host, pinned"):
+        host, pin = name.startswith("uint8"), name.endswith("pinned")
+        data = host_batches(cfg, 4, pin) if host else batches(cfg, 4, device)
+        run = Run(cfg, device)
+        if host:
+            run.mean_std = (IMAGENET_MEAN, IMAGENET_STD)
+        losses, times = run.train(data, args.steps)
+        sec = statistics.median(times[3:])
+        base = base or sec
+        ok = losses[-1] < losses[0]
+        problems += not ok
+        print(f"  {name:34} {str(data[0]['image'].is_pinned()):>6} {losses[0]:8.4f} {losses[-1]:8.4f} "
+              f"{sec * 1e3:8.1f} {cfg.micro_batch_size * 2 / sec:8.1f}  x{base / sec:.3f}"
+              f"{'' if ok else '  LOSS DID NOT FALL'}")
+        del run
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return problems
 
 
 DEFAULT_CONFIGS = "ddp:fp32,ddp:bf16,ddp:bf16:compile,fsdp2:bf16,fsdp2:bf16:compile"
@@ -180,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--configs", type=parse_configs, default=parse_configs(DEFAULT_CONFIGS),
                     help=f"strategy:precision[:compile], comma-separated (default {DEFAULT_CONFIGS})")
+    ap.add_argument("--input-check", action="store_true",
+                    help="also time the first configuration fed uint8 batches from the host, pageable vs pinned")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu (gloo) only to try the script itself with a tiny model")
     args = ap.parse_args(argv)
@@ -223,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         del run
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+    if args.input_check:
+        failures += input_check(args, device)
 
     # Exact resume: 10 steps, checkpoint to bytes, 5 more in memory vs 5 more after a restore
     # into a fresh model and optimizer (bf16 autocast, eager, DDP).

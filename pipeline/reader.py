@@ -86,6 +86,11 @@ class ReaderConfig:
     uint8 and the consumer normalises it after the copy to its device
     (``augment.normalize(x.to(device), mean, std)``, as the pretraining loop does): a quarter
     of the bytes to copy and no float work on the host CPUs, which decode."""
+    pin_memory: bool = True
+    """Put the batch tensors in page-locked memory when the consuming process has CUDA (ignored
+    without it), so that ``.to(device, non_blocking=True)`` is an asynchronous copy that overlaps
+    the training step instead of a synchronous one through a staging buffer. Pinning happens in
+    Ray Data's collate threads, not in the training step."""
     multi_label: bool = False
     """Also yield "targets": float (B, num_classes) multi-hot from the ``labels`` column."""
     num_classes: int | None = None
@@ -134,9 +139,11 @@ class BatchCollate(NumpyBatchCollateFn):
     int64 if ``keep_position``).
     """
 
-    def __init__(self, mean, std, multi_label: bool, keep_position: bool = False, normalize: bool = True):
+    def __init__(self, mean, std, multi_label: bool, keep_position: bool = False, normalize: bool = True,
+                 pin_memory: bool = False):
         self.mean, self.std, self.multi_label, self.keep_position = tuple(mean), tuple(std), multi_label, keep_position
         self.normalize = normalize
+        self.pin_memory = pin_memory and torch.cuda.is_available()  # pinning needs a CUDA context
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
         image = (augment.normalize(batch["image"], self.mean, self.std) if self.normalize
@@ -148,6 +155,8 @@ class BatchCollate(NumpyBatchCollateFn):
         }
         if self.multi_label:
             out["targets"] = torch.from_numpy(np.array(batch["targets"], dtype=np.float32))  # (B, C)
+        if self.pin_memory:
+            out.update({k: v.pin_memory() for k, v in out.items() if isinstance(v, torch.Tensor)})
         if self.keep_position:
             out["position"] = np.asarray(batch["position"], dtype=np.int64)
         return out
@@ -194,7 +203,8 @@ class ShardReader:
         self._sample_in_epoch = 0
         self._order: EpochOrder | None = None
         # numpy batch of dataset() -> training batch; also a collate_fn for iter_torch_batches.
-        self.collate = BatchCollate(cfg.mean, cfg.std, cfg.multi_label, normalize=cfg.normalize)
+        self.collate = BatchCollate(cfg.mean, cfg.std, cfg.multi_label, normalize=cfg.normalize,
+                                    pin_memory=cfg.pin_memory)
 
     # ------------------------------------------------------------ exclusions
 
@@ -298,7 +308,7 @@ class ShardReader:
             ds = self._dataset(order, positions)
             done = 0
             collate = BatchCollate(self.cfg.mean, self.cfg.std, self.cfg.multi_label, keep_position=True,
-                                   normalize=self.cfg.normalize)
+                                   normalize=self.cfg.normalize, pin_memory=self.cfg.pin_memory)
             # Collation (normalisation) runs in Ray's prefetch threads, overlapping the training step.
             for batch in ds.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=False,
                                                prefetch_batches=self.cfg.prefetch_batches):

@@ -151,7 +151,18 @@ class ShardResult:
     nodes: int
     """Distinct Ray nodes that ran shard tasks."""
     seconds: float
+    """Wall time of the whole run (plan, Ray start-up, shard work, finish)."""
     max_failure_fraction: float
+    work_seconds: float = 0.0
+    """Wall time from the first shard task's start to the last one's end (tasks run by this run only):
+    the steady-state part of ``seconds``, which ``read / work_seconds`` turns into a throughput."""
+    read_now: int | None = None
+    """Inputs read by the tasks this run ran (the rest were verified from their markers)."""
+    workers: int = 0
+    """Distinct shard workers (Ray Data actors) that ran tasks."""
+    startup_seconds: float = 0.0
+    """Wall time from submitting the Ray Data job to the first shard task's start (worker processes
+    starting and importing Ray Data and vitray): a fixed cost per run, whatever the corpus size."""
 
     @property
     def failure_fraction(self) -> float:
@@ -178,6 +189,10 @@ class ShardResult:
         lines.append(f"  {'classes':<12}{len(m['classes']) if m['classes'] else '-':>10}")
         rate = c["read"] / self.seconds if self.seconds > 0 else 0.0
         lines.append(f"  {'time':<12}{self.seconds:>10.1f} s ({rate:,.0f} inputs/s)")
+        if self.shards_run and self.work_seconds > 0:
+            read_now = self.read_now if self.read_now is not None else c["read"]
+            lines.append(f"  {'':<12}{self.work_seconds:>10.1f} s of shard work ({read_now / self.work_seconds:,.0f} "
+                         f"inputs/s over {self.workers} worker(s)) after {self.startup_seconds:.1f} s of start-up")
         return "\n".join(lines)
 
 
@@ -243,11 +258,13 @@ class _ShardWorker:
 
         self.cfg = cfg
         self.node = ray.get_runtime_context().get_node_id()
+        self.worker = ray.get_runtime_context().get_worker_id()
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {}
         for task_json in batch["task"]:
-            stats = {**shard_task.process_task(json.loads(task_json), self.cfg), "node": self.node}
+            stats = {**shard_task.process_task(json.loads(task_json), self.cfg), "node": self.node,
+                     "worker": self.worker}
             for k, v in stats.items():
                 out.setdefault(k, []).append(v)
         return out
@@ -329,6 +346,15 @@ def _remove_stale(fs: pafs.FileSystem, root: str, plan: ShardPlan, live: set[int
             fs.delete_file(info.path)
 
 
+def _timing(submitted: float, ran: list[dict]) -> dict:
+    """ShardResult's steady-state fields from the stats of the tasks this run ran."""
+    if not ran:
+        return {"read_now": 0}
+    first, last = min(s["started"] for s in ran), max(s["ended"] for s in ran)
+    return {"work_seconds": max(last - first, 0.0), "startup_seconds": max(first - submitted, 0.0),
+            "read_now": sum(s["read"] for s in ran), "workers": len({s["worker"] for s in ran})}
+
+
 def run_shard(cfg: ShardConfig, plan: ShardPlan | None = None) -> ShardResult:
     """Plan (unless given), run and finish a shard job; see the module docstring.
 
@@ -344,6 +370,7 @@ def run_shard(cfg: ShardConfig, plan: ShardPlan | None = None) -> ShardResult:
     if old is not None and old.get("plan_digest") != plan.digest:
         fs.delete_file(manifest_path)  # the directory is incomplete until the new manifest lands
 
+    submitted = time.time()
     stats = _execute(cfg, plan)
 
     markers = list(sources.ordered_prefetch(
@@ -381,7 +408,8 @@ def run_shard(cfg: ShardConfig, plan: ShardPlan | None = None) -> ShardResult:
                          shards_run=sum(not s["resumed"] for s in stats),
                          shards_resumed=sum(bool(s["resumed"]) for s in stats),
                          nodes=len({s["node"] for s in stats}),
-                         seconds=time.perf_counter() - t0, max_failure_fraction=cfg.max_failure_fraction)
+                         seconds=time.perf_counter() - t0, max_failure_fraction=cfg.max_failure_fraction,
+                         **_timing(submitted, [s for s in stats if not s["resumed"]]))
     log.info("done: %d read, %d written, %d failed; manifest %s", counts["read"], counts["written"],
              counts["failed"], storage.join(cfg.dst, schema.MANIFEST_NAME))
     return result

@@ -109,10 +109,11 @@ def marker_is_valid(fs: pafs.FileSystem, dst_root: str, task: dict, marker: dict
 
 # ---------------------------------------------------------------- one task
 
-def _stats(marker: dict, resumed: bool, seconds: float) -> dict:
+def _stats(marker: dict, resumed: bool, started: float) -> dict:
+    """What a task returns to the driver; ``started``/``ended`` are wall-clock times (``time.time()``)."""
     return {"index": marker["index"], "name": marker["name"] or "", "rows": marker["rows"],
             "bytes": marker["bytes"], "read": marker["read"], "failed": len(marker["failures"]),
-            "resumed": resumed, "seconds": seconds}
+            "resumed": resumed, "started": started, "ended": time.time()}
 
 
 def process_task(task: dict, cfg: Any) -> dict:
@@ -121,13 +122,13 @@ def process_task(task: dict, cfg: Any) -> dict:
     ``cfg`` is the ``ShardConfig``. Idempotent: a re-run after an interruption
     either finds a valid marker or rewrites the shard byte for byte.
     """
-    t0 = time.perf_counter()
+    started = time.time()
     dst_fs, dst_root = storage.resolve(cfg.dst, cfg.storage)
     index = task["index"]
     mpath = marker_path(dst_root, index)
     marker = read_marker(dst_fs, mpath)
     if marker_is_valid(dst_fs, dst_root, task, marker):
-        return _stats(marker, True, time.perf_counter() - t0)
+        return _stats(marker, True, started)
     if marker is not None:  # stale: must not vouch for the shard we are about to rewrite
         dst_fs.delete_file(mpath)
 
@@ -168,4 +169,4 @@ def process_task(task: dict, cfg: Any) -> dict:
               "checksum": digest, "read": read, "failures": failures}
     storage.write_bytes_atomic(dst_fs, mpath, json.dumps(marker).encode())
     log.debug("task %d: %d read, %d written, %d failed", index, read, n_rows, len(failures))
-    return _stats(marker, False, time.perf_counter() - t0)
+    return _stats(marker, False, started)

@@ -20,7 +20,7 @@ from reader_fixtures import ShardSet, cifar_items, photo_items, unnormalize, wri
 from vitray.config import ConfigError
 from vitray.pipeline import augment, images
 from vitray.pipeline.order import rank_positions
-from vitray.pipeline.reader import ReaderConfig, ShardReader
+from vitray.pipeline.reader import BatchCollate, ReaderConfig, ShardReader
 
 SHARD_ROWS = [23, 17, 30, 12, 18]  # 100 rows, uneven on purpose
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -245,6 +245,23 @@ def test_dataset_for_one_rank_feeds_iter_torch_batches(ray_local, shards):
     want = rank_positions(8, 72, 4, 1, 2)
     assert ids_of(batches) == shards.ids_of(reader.epoch_order(0)[want])
     assert batches[0]["image"].shape == (4, 3, 32, 32)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_pinned_batches_hold_the_same_values_and_are_pinned_only_with_cuda(normalize):
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (4, 3, 8, 8), dtype=np.uint8), "label": np.arange(4),
+             "sample_id": np.array(["a", "b", "c", "d"]), "targets": rng.random((4, 5)).astype(np.float32),
+             "position": np.arange(4)}
+    kw = dict(mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD, multi_label=True, keep_position=True,
+              normalize=normalize)
+    plain, pinned = BatchCollate(**kw)(batch), BatchCollate(**kw, pin_memory=True)(batch)
+    assert plain.keys() == pinned.keys() and pinned["sample_id"] == ["a", "b", "c", "d"]
+    for key in ("image", "label", "targets"):
+        assert torch.equal(plain[key], pinned[key]) and not plain[key].is_pinned()
+        # page-locked where a CUDA device can use it; without one pinning is impossible and skipped
+        assert pinned[key].is_pinned() == torch.cuda.is_available()
+    assert np.array_equal(pinned["position"], np.arange(4))
 
 
 def test_bad_inputs_have_clear_errors(shards, tmp_path):

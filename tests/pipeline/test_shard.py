@@ -166,9 +166,14 @@ def test_resume_is_byte_identical_and_a_second_run_changes_nothing(ray_local, lo
     cfg = shard.ShardConfig(dst=dst, **kw)
     first = shard.run_shard(cfg)
     assert len(first.manifest["shards"]) >= 5
+    # the steady-state timing covers every input of a fresh run, inside the run's wall time
+    assert first.read_now == first.counts["read"] == 19 and first.workers >= 1
+    assert 0 < first.work_seconds and first.work_seconds + first.startup_seconds <= first.seconds
+    assert "of shard work" in first.summary()
     _damage(dst)
     resumed = shard.run_shard(cfg)
     assert resumed.shards_run == 4 and resumed.shards_resumed == len(first.manifest["shards"]) - 4
+    assert 0 < resumed.read_now < resumed.counts["read"]  # only the redone shards' inputs
     ref, got = snapshot(reference), snapshot(dst)
     assert sorted(ref) == sorted(got) and not any(".tmp-" in k for k in got)
     for name in ref:
@@ -179,6 +184,7 @@ def test_resume_is_byte_identical_and_a_second_run_changes_nothing(ray_local, lo
     # a complete directory: the next run verifies every shard and writes nothing
     again = shard.run_shard(cfg)
     assert again.shards_run == 0 and snapshot(dst) == got
+    assert again.read_now == 0 and again.work_seconds == 0 and "of shard work" not in again.summary()
 
 
 def test_changed_plan_replaces_stale_shards(ray_local, local_store, photos):

@@ -188,39 +188,49 @@ def _dev(work: str) -> None:
         print(f"{f'plain pHash, radius {radius}':<46} {np.mean(dev_d[judg == 1] <= radius):>9.2f} "
               f"{np.mean(dev_d[judg == 2] <= radius):>9.2f} {100 * flag_ids:>15.2f}% {100 * flag_all:>11.2f}% "
               f"{100 * flag_b:>6.2f}%")
-    _unlisted(work, sets["test"], A_e, A_c, keep(A, DEFAULT.joint_radius, DEFAULT.verify.threshold), dev)
+    _unlisted(work, sets["test"], A_e, A_c, keep(A, DEFAULT.joint_radius, DEFAULT.verify.threshold), A["score"], dev)
 
 
-def _unlisted(work: str, test: dict, A_e: np.ndarray, A_c: np.ndarray, ok: np.ndarray, dev: list) -> None:
+def _unlisted(work: str, test: dict, A_e: np.ndarray, A_c: np.ndarray, ok: np.ndarray, score: np.ndarray,
+              dev: list) -> None:
     """The test-test pairs flagged at the defaults that the development list does not contain.
 
     The list is not exhaustive (it holds one judged neighbour per image), so the flag
-    rate counts real copies it lacks as well as false matches. This writes a contact
-    sheet of a fixed random sample of those pairs so a person can judge which they are.
+    rate counts real copies it lacks as well as false matches. This writes contact
+    sheets of *all* of those pairs, numbered in order of verification score, so a
+    person can judge which they are (and the share of the flag rate that is real).
     """
     from PIL import ImageDraw
 
     listed = {frozenset((a, b)) for a, b, _ in dev}
-    flagged = {frozenset((int(e), int(c))) for e, c in zip(A_e[ok], A_c[ok]) if e != c}
-    unlisted = sorted(tuple(sorted(p)) for p in flagged - listed)
+    best: dict[tuple[int, int], float] = {}
+    for e, c, v in zip(A_e[ok].tolist(), A_c[ok].tolist(), score[ok].tolist()):
+        if e != c:
+            pair = (min(e, c), max(e, c))
+            best[pair] = max(best.get(pair, -9.0), v)
+    unlisted = sorted((p for p in best if frozenset(p) not in listed), key=lambda p: (best[p], p))
     labels = test["label"]
     cross = sum(labels[a] != labels[b] for a, b in unlisted)
-    rng = np.random.default_rng(0)
-    sample = [unlisted[i] for i in sorted(rng.choice(len(unlisted), min(48, len(unlisted)), replace=False))]
-    cols, cell = 8, 64
-    sheet = Image.new("RGB", (cols * (2 * cell + 12), -(-len(sample) // cols) * (cell + 14)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for k, (a, b) in enumerate(sample):
-        x, y = (k % cols) * (2 * cell + 12), (k // cols) * (cell + 14)
-        for j, i in enumerate((a, b)):
-            im = Image.open(io.BytesIO(test["items"][i][2])).convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
-            sheet.paste(im, (x + j * (cell + 2), y))
-        draw.text((x, y + cell), f"{k}: {a}-{b}", fill="black")
-    path = os.path.join(work, "unlisted-pairs.png")
-    sheet.save(path)
-    print(f"\nA at the defaults: {len(flagged)} test-test pairs flagged, {len(flagged & listed)} of them in the "
-          f"development list; {len(unlisted)} not listed ({cross} of those across classes). "
-          f"A sample of {len(sample)} unlisted pairs for judging by eye: {path}")
+    cols, cell, per = 6, 96, 42
+    paths = []
+    for first in range(0, len(unlisted), per):
+        chunk = unlisted[first:first + per]
+        sheet = Image.new("RGB", (cols * (2 * cell + 14), -(-len(chunk) // cols) * (cell + 14)), "white")
+        draw = ImageDraw.Draw(sheet)
+        for k, (a, b) in enumerate(chunk):
+            x, y = (k % cols) * (2 * cell + 14), (k // cols) * (cell + 14)
+            for j, i in enumerate((a, b)):
+                im = Image.open(io.BytesIO(test["items"][i][2])).convert("RGB").resize((cell, cell),
+                                                                                      Image.Resampling.NEAREST)
+                sheet.paste(im, (x + j * (cell + 2), y))
+            draw.text((x, y + cell), f"{first + k}: {a}-{b} {best[(a, b)]:.2f}", fill="black")
+        paths.append(os.path.join(work, f"unlisted-pairs-{first // per}.png"))
+        sheet.save(paths[-1])
+    with open(os.path.join(work, "unlisted-pairs.json"), "w") as f:
+        json.dump([{"n": n, "pair": list(p), "score": best[p]} for n, p in enumerate(unlisted)], f, indent=1)
+    print(f"\nA at the defaults: {len(best)} test-test pairs flagged, {len(best) - len(unlisted)} of them in the "
+          f"development list; {len(unlisted)} not listed ({cross} of those across classes). All unlisted pairs, "
+          f"numbered by score, for judging by eye: {', '.join(paths)} (+ unlisted-pairs.json)")
 
 
 # ---------------------------------------------------------------- part 2: photo robustness

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import pickle
 from typing import Iterator
 
@@ -143,7 +142,11 @@ def _read_cifar(fs, unit: dict) -> Iterator[EvalImage]:
 # ---------------------------------------------------------------- shard directories
 
 def _plan_shards(fs, root: str) -> EvalPlan:
-    manifest = json.loads(storage.read_bytes(fs, f"{root}/{schema.MANIFEST_NAME}"))
+    try:
+        manifest = schema.parse_manifest(storage.read_bytes(fs, f"{root}/{schema.MANIFEST_NAME}"),
+                                         storage.to_uri(fs, f"{root}/{schema.MANIFEST_NAME}"))
+    except ValueError as exc:
+        raise EvalSourceError(str(exc)) from None
     units = [{"kind": "shard", "path": f"{root}/{s['name']}", "prefix": manifest.get("source") or ""}
              for s in manifest.get("shards", []) if s.get("rows")]
     return EvalPlan("shards", units, manifest.get("classes"))

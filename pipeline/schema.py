@@ -96,14 +96,25 @@ def load_manifest(shards: str, storage_options: storage.StorageOptions | None = 
     """
     fs, root = storage.resolve(shards, storage_options)
     try:
-        manifest = json.loads(storage.read_bytes(fs, root + "/" + MANIFEST_NAME))
+        data = storage.read_bytes(fs, root + "/" + MANIFEST_NAME)
     except FileNotFoundError:
         raise FileNotFoundError(f"{shards}: no {MANIFEST_NAME}; the shard directory is missing or incomplete "
                                 "(`vitray shard` writes the manifest last)") from None
-    if manifest.get("kind") != "vitray-shards":
-        raise ValueError(f"{shards}/{MANIFEST_NAME}: kind is {manifest.get('kind')!r}, expected 'vitray-shards'")
+    return parse_manifest(data, f"{shards}/{MANIFEST_NAME}")
+
+
+def parse_manifest(data: bytes, where: str) -> dict:
+    """A shard manifest's bytes -> dict; ValueError (naming ``where``) unless it is JSON of
+    kind 'vitray-shards' at the supported schema version."""
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        raise ValueError(f"{where}: not JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != "vitray-shards":
+        kind = manifest.get("kind") if isinstance(manifest, dict) else None
+        raise ValueError(f"{where}: kind is {kind!r}, expected 'vitray-shards'")
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{shards}/{MANIFEST_NAME}: schema_version {manifest.get('schema_version')} is not "
+        raise ValueError(f"{where}: schema_version {manifest.get('schema_version')} is not "
                          f"the supported {SCHEMA_VERSION}")
     return manifest
 

@@ -22,7 +22,7 @@ import time
 
 from vitray import storage
 from vitray.config import ConfigError, check, dump_yaml, to_dict
-from vitray.pipeline.schema import MANIFEST_NAME
+from vitray.pipeline.schema import load_manifest
 from vitray.training import checkpoint as ckpt
 from vitray.training.config import PretrainConfig
 
@@ -54,9 +54,10 @@ def data_lineage_checked(cfg: PretrainConfig) -> dict:
     """Corpus/exclusion/dedup lineage, raising ConfigError naming the field that cannot be read."""
     d = cfg.data
     check(bool(d.shards), "data.shards", "is required (a shard directory written by `vitray shard`)")
-    fs, path = storage.resolve(d.shards, d.storage)
-    check(storage.exists(fs, f"{path}/{MANIFEST_NAME}"), "data.shards",
-          f"{d.shards} has no {MANIFEST_NAME} (not a complete shard directory)")
+    try:
+        load_manifest(d.shards, d.storage)  # complete, a shard directory, a schema the reader knows
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError("data.shards", str(exc)) from None
     for i, uri in enumerate(d.exclude):
         fs, path = storage.resolve(uri, d.storage)
         check(storage.exists(fs, path), f"data.exclude[{i}]", f"{uri} does not exist")

@@ -108,6 +108,16 @@ def test_image_folder_hostile_names_failures_and_shard_dirs(photo_set, tmp_path,
     assert on_disk["digest"].startswith("sha256:") and on_disk["files"]["eval.parquet"]["checksum"]
 
 
+def test_a_manifest_of_another_kind_is_not_read_as_shards(tmp_path):
+    from vitray.storage import StorageOptions
+
+    other = tmp_path / "an-index"
+    other.mkdir()
+    (other / "_manifest.json").write_text(json.dumps({"kind": "vitray-dedup-index"}))
+    with pytest.raises(sources.EvalSourceError, match="kind is 'vitray-dedup-index', expected 'vitray-shards'"):
+        sources.plan_eval_set("test", str(other), StorageOptions(), str(tmp_path / "out"))
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="evals"):
         IndexConfig(evals=["no-equals-sign"], out="/tmp/x")

@@ -222,6 +222,15 @@ def test_bad_config_fails_before_any_worker_naming_the_field(override, field, ti
     assert f"invalid config: {field}:" in capsys.readouterr().err
 
 
+def test_a_directory_that_is_not_a_shard_directory_is_refused(tiny_corpus, tiny_config, tmp_path):
+    other = tmp_path / "an-index"
+    other.mkdir()
+    (other / "_manifest.json").write_text(json.dumps({"kind": "vitray-dedup-index"}))
+    with pytest.raises(ConfigError, match="kind is 'vitray-dedup-index'") as info:
+        run_pretrain(tiny_config(tiny_corpus, str(tmp_path), "bad", data={"shards": str(other)}))
+    assert info.value.field == "data.shards"
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():

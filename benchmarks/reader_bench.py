@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitray.pipeline import augment
+from vitray.pipeline import augment, images
 
 MEAN = torch.tensor(augment.IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(augment.IMAGENET_STD).view(3, 1, 1)
@@ -80,7 +80,7 @@ def pillow_reader_one(data: bytes, spec: augment.AugmentSpec, rng: np.random.Gen
     W, H = im.size
     flip = rng.random() < spec.hflip
     left, top, w, h = augment.random_resized_crop_box(W, H, spec.crop_scale, spec.crop_ratio, rng)
-    s = augment.draft_scale(min(w, h), spec.image_size)
+    s = images.draft_scale(w, h, spec.image_size)
     if s > 1 and im.format == "JPEG":
         im.draft("RGB", (max(1, W // s), max(1, H // s)))
     rgb = im.convert("RGB")
@@ -161,7 +161,7 @@ def drafted_fraction(photos: list[bytes], size: int) -> float:
         rng = augment.sample_rng(0, 0, i)
         rng.random()
         _, _, w, h = augment.random_resized_crop_box(*im.size, (0.08, 1.0), (3 / 4, 4 / 3), rng)
-        n += im.format == "JPEG" and augment.draft_scale(min(w, h), size) > 1
+        n += im.format == "JPEG" and images.draft_scale(w, h, size) > 1
     return n / len(photos)
 
 

@@ -45,9 +45,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _AUGMENT_STREAM = 0x41554731  # separates augmentation randomness from the order's stream
-_ROTATED = images.ROTATED_ORIENTATIONS
-DRAFT_SCALES = (8, 4, 2)
-"""JPEG DCT scale denominators Pillow's ``draft`` can decode at."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,14 +106,6 @@ def center_crop_box(width: int, height: int, image_size: int, crop_pct: float) -
     return (width - side) / 2, (height - side) / 2, side, side
 
 
-def draft_scale(crop_short: float, image_size: int) -> int:
-    """Largest DCT scale denominator s with ``crop_short / s >= image_size`` (1 if none)."""
-    for s in DRAFT_SCALES:
-        if crop_short / s >= image_size:
-            return s
-    return 1
-
-
 def decode_box(data: bytes, spec: AugmentSpec, rng: np.random.Generator | None) -> np.ndarray:
     """Decode ``data`` and return the augmented (3, S, S) uint8 crop (channels first, the
     layout of the batches: no transposing copy after the resize).
@@ -137,7 +126,7 @@ def decode_source(data: bytes, spec: AugmentSpec, rng: np.random.Generator | Non
     S = spec.image_size
     info = images.jpeg_info(data)  # plain JPEGs: the header without Pillow
     im = None
-    if info is not None and info[2] not in _ROTATED:
+    if info is not None and info[2] not in images.ROTATED_ORIENTATIONS:
         width, height, orientation = info
         images.check_pixels(width, height, spec.max_pixels)
     else:
@@ -150,7 +139,7 @@ def decode_source(data: bytes, spec: AugmentSpec, rng: np.random.Generator | Non
     else:
         flip = False
         left, top, w, h = center_crop_box(width, height, S, spec.crop_pct)
-    s = draft_scale(min(w, h), S) if spec.reduced_decode else 1
+    s = images.draft_scale(w, h, S) if spec.reduced_decode else 1  # the crop keeps >= S pixels
     if im is None:
         arr = images.decode_jpeg_rgb(data, (width, height), s)
         if arr is None:  # libjpeg-turbo balked: Pillow decodes it or names the problem
@@ -172,7 +161,7 @@ def _decode_pillow(im: Image.Image, s: int, orientation: int | None) -> np.ndarr
             sw, sh = im.size  # stored (pre-rotation) size; the DCT scale is the same on both axes
             im.draft("RGB" if im.mode in ("RGB", "YCbCr") else im.mode, (max(1, sw // s), max(1, sh // s)))
         im.load()
-        if orientation in _ROTATED:  # exif_transpose would copy even when there is nothing to do
+        if orientation in images.ROTATED_ORIENTATIONS:  # exif_transpose would copy even when there is nothing to do
             im = ImageOps.exif_transpose(im) or im
         return np.asarray(images.to_rgb(im))
     except Exception as exc:  # truncated / corrupt streams raise a zoo of types

@@ -95,11 +95,16 @@ def displayed_size(im: Image.Image) -> tuple[int, int]:
     return (h, w) if orientation(im) in _TRANSPOSED_ORIENTATIONS else (w, h)
 
 
-def draft_scale(width: int, height: int, side: int) -> int:
-    """The JPEG DCT scale denominator (8, 4, 2 or 1) Pillow's ``draft`` picks for a requested
-    ``(side, side)``: the largest that keeps both sides >= ``side``."""
-    ratio = min(width // side, height // side)
-    return next((s for s in (8, 4, 2) if ratio >= s), 1)
+DRAFT_SCALES = (8, 4, 2)
+"""JPEG DCT scale denominators a reduced decode can use (Pillow's ``draft``, libjpeg-turbo)."""
+
+
+def draft_scale(width: float, height: float, side: int) -> int:
+    """The largest JPEG DCT scale denominator (8, 4, 2, else 1) that keeps both sides of a
+    ``width`` x ``height`` image (or crop) >= ``side``: for whole images, the scale Pillow's
+    ``draft`` picks for a requested ``(side, side)``."""
+    short = min(width, height)
+    return next((s for s in DRAFT_SCALES if short / s >= side), 1)
 
 
 def jpeg_info(data: bytes) -> tuple[int, int, int | None] | None:

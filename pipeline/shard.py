@@ -156,7 +156,7 @@ class ShardResult:
     work_seconds: float = 0.0
     """Wall time from the first shard task's start to the last one's end (tasks run by this run only):
     the steady-state part of ``seconds``, which ``read / work_seconds`` turns into a throughput."""
-    read_now: int | None = None
+    read_now: int = 0
     """Inputs read by the tasks this run ran (the rest were verified from their markers)."""
     workers: int = 0
     """Distinct shard workers (Ray Data actors) that ran tasks."""
@@ -190,8 +190,7 @@ class ShardResult:
         rate = c["read"] / self.seconds if self.seconds > 0 else 0.0
         lines.append(f"  {'time':<12}{self.seconds:>10.1f} s ({rate:,.0f} inputs/s)")
         if self.shards_run and self.work_seconds > 0:
-            read_now = self.read_now if self.read_now is not None else c["read"]
-            lines.append(f"  {'':<12}{self.work_seconds:>10.1f} s of shard work ({read_now / self.work_seconds:,.0f} "
+            lines.append(f"  {'':<12}{self.work_seconds:>10.1f} s of shard work ({self.read_now / self.work_seconds:,.0f} "
                          f"inputs/s over {self.workers} worker(s)) after {self.startup_seconds:.1f} s of start-up")
         return "\n".join(lines)
 
@@ -349,7 +348,7 @@ def _remove_stale(fs: pafs.FileSystem, root: str, plan: ShardPlan, live: set[int
 def _timing(submitted: float, ran: list[dict]) -> dict:
     """ShardResult's steady-state fields from the stats of the tasks this run ran."""
     if not ran:
-        return {"read_now": 0}
+        return {}
     first, last = min(s["started"] for s in ran), max(s["ended"] for s in ran)
     return {"work_seconds": max(last - first, 0.0), "startup_seconds": max(first - submitted, 0.0),
             "read_now": sum(s["read"] for s in ran), "workers": len({s["worker"] for s in ran})}

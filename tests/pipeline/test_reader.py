@@ -332,8 +332,8 @@ def test_reduced_scale_decode_matches_full_decode(photos_table):
             assert a.shape == b.shape == (3, 64, 64)
             assert np.abs(a - b).mean() < 6.0, f"photo {i}: reduced decode drifted from the full decode"
     # The draft keeps at least image_size pixels across the crop.
-    assert augment.draft_scale(1000, 224) == 4 and augment.draft_scale(447, 224) == 1
-    assert augment.draft_scale(448, 224) == 2 and augment.draft_scale(5000, 64) == 8
+    assert images.draft_scale(1000, 1000, 224) == 4 and images.draft_scale(447, 900, 224) == 1
+    assert images.draft_scale(448, 448, 224) == 2 and images.draft_scale(5000, 6000, 64) == 8
 
 
 def test_libjpeg_turbo_decode_gives_pillows_pixels(photos_table):

@@ -5,15 +5,17 @@
    pHash/dHash, optional re-encode, Parquet write), with the corpus served from a
    local directory and from an S3 server on loopback (moto, in a subprocess so it
    does not share the loop's GIL). Target: overhead = plain/core / shard/core - 1
-   <= 25%. A "naive" loop (hash_bytes, then a full decode for the re-encode) shows
-   what the reduced-scale decode saves.
+   <= 25%, per round against the plain run just before it (this host's speed
+   drifts by +-15% over tens of seconds), medians over the rounds; end to end and
+   in steady state (Ray Data's fixed start-up apart). A "naive" loop (hash_bytes,
+   then a full decode for the re-encode) shows what the reduced-scale decode saves.
 2. The training reader's decode+augment comparison (``benchmarks/reader_bench.py``
    ``run(photos) -> str``), when that file exists.
 3. Peak memory (RSS of the driver and every Ray process, sampled; object-store
    bytes used) of shard runs over corpora 1x and 3.5x the configured object store.
 
-    .venv/bin/python benchmarks/ingest.py [--repeat 3] [--s3-repeat N] [--sources local,s3] [--target-mib 8] [--reps 2]
-        [--skip-reader] [--skip-memory]
+    .venv/bin/python benchmarks/ingest.py [--repeat 30] [--reencode-repeat 10] [--s3-repeat 5] [--reps 3]
+        [--sources local,s3] [--max-sides none,256] [--target-mib 128] [--skip-reader] [--skip-memory]
 """
 
 from __future__ import annotations
@@ -210,118 +212,114 @@ def timed(fn, *args) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
-def throughput(photos: list[dict], repeat: int, reps: int, tmp: str, s3_repeat: int | None = None,
-               target_mib: int = 8, sources: tuple[str, ...] = ("local", "s3"),
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def throughput(photos: list[dict], repeat: int, reencode_repeat: int, s3_repeat: int, reps: int, tmp: str,
+               target_mib: int = 128, sources: tuple[str, ...] = ("local", "s3"),
                max_sides: tuple[int | None, ...] = (None, 256)) -> str:
+    """Part (1): per cell (source x max_side), ``reps`` rounds of plain, shard, plain x2 (and naive), interleaved.
+
+    Each round's shard run is paired with the plain run just before it, so a slow spell of the
+    host moves both; the overheads reported are the medians of those paired ratios.
+    """
     import multiprocessing
 
     import ray
 
     from vitray.storage import StorageOptions
 
-    files = corpus_files(photos, repeat)
-    s3_files = files if s3_repeat in (None, repeat) else corpus_files(photos, s3_repeat)
-    total_mb = sum(map(len, files.values())) / MiB
-    s3_mb = sum(map(len, s3_files.values())) / MiB
-    log(f"corpus: {len(files)} images, {total_mb:.0f} MiB locally"
-        + (f"; {len(s3_files)} images, {s3_mb:.0f} MiB uploaded to moto" if "s3" in sources else ""))
-    local_src = write_local(os.path.join(tmp, "corpus"), files)
+    cells = [(src, ms, {"local": reencode_repeat if ms else repeat, "s3": s3_repeat}[src])
+             for src in ("local", "s3") if src in sources for ms in max_sides]
+    local_dirs = {n: write_local(os.path.join(tmp, f"corpus-{n}x"), corpus_files(photos, n))
+                  for src, _, n in cells if src == "local"}
     s3 = MotoS3()
     pool = multiprocessing.get_context("spawn").Pool(WORKERS)
     try:
-        s3_src = s3.upload("bench", s3_files) if "s3" in sources else None
+        s3_src = s3.upload("bench", corpus_files(photos, s3_repeat)) if "s3" in sources else None
         s3_opts = StorageOptions(endpoint_url=s3.endpoint)
+        # address="local": a new runtime even if another Ray cluster runs on this host.
         ray.init(address="local", num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
-        # address="local": a new runtime even if another Ray cluster runs on this host.
-        # Warm both sides (process start + imports) so they time steady-state work.
-        warm = write_local(os.path.join(tmp, "warm"), dict(list(files.items())[:8]))
+        # Warm both sides' imports (the driver's and the plain pool's; Ray Data starts fresh worker
+        # processes for every run, so their start-up stays in each shard run).
+        warm = write_local(os.path.join(tmp, "warm"), corpus_files(photos[:8], 1))
         shard_run(warm, os.path.join(tmp, "warm-out"), StorageOptions(), None, 1)
         pool.map(_plain_part, [(warm, os.path.join(tmp, "warm-plain"), StorageOptions(), None, 1 << 30, False, i,
                                 WORKERS) for i in range(WORKERS)])
         target = target_mib * MiB
         exclude = {s3.proc.pid} | {p.pid for p in pool._pool}  # not Ray's: moto, the plain-loop pool
-        on_s3 = f"{len(s3_files)} ({s3_mb:.0f} MiB) on S3, " if "s3" in sources else ""
-        lines = [f"(1) shard throughput: {len(files)} real photos ({total_mb:.0f} MiB = {repeat}x the 462) locally, "
-                 f"{on_s3}"
-                 f"{target // MiB} MiB shards, {WORKERS} Ray workers, {psutil.cpu_count()} cores "
-                 f"(load average {os.getloadavg()[0]:.1f} at start); best of {reps}",
-                 f"    {'':<16}|{'wall clock: images/s per core':^42}|{'steady state':^27}|"
-                 f"{'CPU time: images per CPU-second':^42}|",
-                 f"    {'source max_side':<16}|{'plain':>8}{'plain x2':>10}{'shard':>8}{'overhead':>10}{'(x2)':>6}|"
-                 f"{'shard':>7}{'overhead':>10}{'start-up':>10}|"
-                 f"{'plain':>8}{'plain x2':>10}{'shard':>8}{'overhead':>10}{'(x2)':>6}|{'naive':>7}"]
-        pairs = []
-        for name, src, opts in (("local", local_src, StorageOptions()), ("s3", s3_src, s3_opts)):
-            if name not in sources:
-                continue
-            for max_side in max_sides:
-                best = {k: 0.0 for k in ("plain", "plain2", "shard", "naive", "cpu_plain", "cpu_plain2",
-                                         "cpu_shard", "steady")}
-                best["startup"] = float("inf")
-                paired: dict[str, list[float]] = {"plain": [], "shard": [], "steady": []}
-                for rep in range(reps):
-                    for kind in ("plain", "shard", "plain2") + (("naive",) if max_side else ()):
-                        dst = os.path.join(tmp, f"out-{name}-{max_side}-{kind}-{rep}")
-                        t0, c0 = time.perf_counter(), time.process_time()
-                        if kind == "shard":
-                            c0 = tree_cpu(exclude)
-                            result = shard_run(src, dst, opts, max_side, target)
-                            cpu = tree_cpu(exclude) - c0
-                            n = result.counts["written"]
-                            # Steady state: the same images over the span the workers ran tasks.
-                            steady = result.read_now / result.work_seconds / WORKERS
-                            best["steady"] = max(best["steady"], steady)
-                            paired["steady"].append(steady)
-                            best["startup"] = min(best["startup"], result.startup_seconds)
-                        elif kind == "plain2":
-                            parts = pool.map(_plain_part, [(src, dst, opts, max_side, target, False, i, WORKERS)
-                                                           for i in range(WORKERS)])
-                            n, cpu = sum(p[0] for p in parts), sum(p[1] for p in parts)
-                        else:
-                            n = plain_loop(src, dst, opts, max_side, target, kind == "naive")
-                            cpu = time.process_time() - c0
-                        secs = time.perf_counter() - t0
-                        rate = n / secs / (WORKERS if kind in ("shard", "plain2") else 1)
-                        best[kind] = max(best[kind], rate)
-                        if kind in paired:
-                            paired[kind].append(rate)
-                        if kind != "naive":
-                            best[f"cpu_{kind}"] = max(best[f"cpu_{kind}"], n / cpu)
-                        shutil.rmtree(dst, ignore_errors=True)
-                        log(f"{name} max_side={max_side} {kind}: {n} images in {secs:.2f} s, {cpu:.2f} CPU-s "
-                            f"({rate:.1f}/s/core; load {os.getloadavg()[0]:.1f})")
-                b = best
-                naive = f"{b['naive']:>7.1f}" if max_side else f"{'-':>7}"
-                over, over2 = 100 * (b["plain"] / b["shard"] - 1), 100 * (b["plain2"] / b["shard"] - 1)
-                over_cpu = 100 * (b["cpu_plain"] / b["cpu_shard"] - 1)
-                over_cpu2 = 100 * (b["cpu_plain2"] / b["cpu_shard"] - 1)
-                over_steady = 100 * (b["plain"] / b["steady"] - 1)
-                head = f"    {name:<6}{str(max_side):>9} |"
-                lines.append(f"{head}{b['plain']:>8.1f}{b['plain2']:>10.1f}{b['shard']:>8.1f}"
-                             f"{over:>9.1f}%{over2:>5.0f}%|{b['steady']:>7.1f}{over_steady:>9.1f}%"
-                             f"{b['startup']:>9.1f}s|{b['cpu_plain']:>8.1f}{b['cpu_plain2']:>10.1f}"
-                             f"{b['cpu_shard']:>8.1f}{over_cpu:>9.1f}%{over_cpu2:>5.0f}%|{naive}")
-                pairs.append((head, [100 * (p / q - 1) for p, q in zip(paired["plain"], paired["shard"])],
-                              [100 * (p / q - 1) for p, q in zip(paired["plain"], paired["steady"])]))
-        lines += ["    overhead = plain / shard - 1 (target <= 25%): wall clock against one plain process,",
-                  "    (x2) against the same loop split over 2 processes. CPU time counts every Ray process",
-                  "    (driver, GCS, raylet, workers): robust to other load on a shared host, blind to idle cores.",
-                  "    Shard time includes planning, Ray Data start-up and scheduling, markers, failures file and",
-                  "    manifest. Steady state = the images over the span from the first shard task's start to the",
-                  "    last one's end (ShardResult.work_seconds), against the same plain rate; start-up = job",
-                  "    submission to the first task (worker processes importing Ray Data and vitray): a fixed cost",
-                  "    per run that a larger corpus amortises.",
-                  "    naive = plain loop with hash_bytes + a second full-resolution decode for the re-encode.",
-                  "    s3 = moto on loopback (its CPU is excluded from CPU time but shares the cores).",
-                  "    Paired: each repetition's shard run against the plain run just before it (the spread shows",
-                  f"    this host's noise; median over {reps}):",
-                  f"    {'source max_side':<16}| {'end-to-end overhead per repetition':<40}| steady-state overhead"]
-        for head, e2e, steady in pairs:
-            fmt = lambda xs: " ".join(f"{x:.1f}%" for x in xs) + f" -> {statistics.median(xs):.1f}%"  # noqa: E731
-            lines.append(f"{head} {fmt(e2e):<40}| {fmt(steady)}")
+        lines = [f"(1) shard throughput per core: {WORKERS} Ray workers on {psutil.cpu_count()} cores vs one plain "
+                 f"process, {target_mib} MiB shards (the default is 128); {reps} interleaved rounds per row, medians "
+                 f"(load average {os.getloadavg()[0]:.1f} at start)",
+                 f"    {'':<30}|{'images/s per core (wall clock)':^32}|{'overhead vs plain':^29}|"
+                 f"{'shard run':^15}|{'CPU time':^17}|",
+                 f"    {'source max_side  corpus':<30}|{'plain':>7}{'x2':>7}{'shard':>9}{'steady':>9}|"
+                 f"{'end-to-end':>11}{'steady':>9}{'x2':>8} |{'start-up':>9}{'tail':>6}|{'overhead':>10}{'naive':>7}|"]
+        paired_lines = []
+        for name, max_side, n_rep in cells:
+            src, opts = (local_dirs[n_rep], StorageOptions()) if name == "local" else (s3_src, s3_opts)
+            r: dict[str, list[float]] = {k: [] for k in ("plain", "plain2", "shard", "steady", "naive", "startup",
+                                                          "tail", "e2e", "st", "x2", "cpu")}
+            n_images = 0
+            for rep in range(reps):
+                rates = {}
+                for kind in ("plain", "shard", "plain2") + (("naive",) if max_side else ()):
+                    dst = os.path.join(tmp, f"out-{name}-{max_side}-{kind}-{rep}")
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    if kind == "shard":
+                        c0 = tree_cpu(exclude)
+                        result = shard_run(src, dst, opts, max_side, target)
+                        cpu = tree_cpu(exclude) - c0
+                        n = result.counts["written"]
+                        steady = result.read_now / result.work_seconds / WORKERS
+                        r["steady"].append(steady)
+                        r["startup"].append(result.startup_seconds)
+                        r["tail"].append(result.tail_seconds)
+                    elif kind == "plain2":
+                        parts = pool.map(_plain_part, [(src, dst, opts, max_side, target, False, i, WORKERS)
+                                                       for i in range(WORKERS)])
+                        n, cpu = sum(p[0] for p in parts), sum(p[1] for p in parts)
+                    else:
+                        n = plain_loop(src, dst, opts, max_side, target, kind == "naive")
+                        cpu = time.process_time() - c0
+                    secs = time.perf_counter() - t0
+                    rates[kind] = n / secs / (WORKERS if kind in ("shard", "plain2") else 1)
+                    r[kind].append(rates[kind])
+                    if kind == "plain":
+                        plain_cpu = n / cpu
+                    elif kind == "shard":
+                        r["cpu"].append(100 * (plain_cpu / (n / cpu) - 1))
+                    n_images = n
+                    shutil.rmtree(dst, ignore_errors=True)
+                    log(f"{name} max_side={max_side} {kind}: {n} images in {secs:.2f} s, {cpu:.2f} CPU-s "
+                        f"({rates[kind]:.1f}/s/core; load {os.getloadavg()[0]:.1f})")
+                r["e2e"].append(100 * (rates["plain"] / rates["shard"] - 1))
+                r["st"].append(100 * (rates["plain"] / r["steady"][-1] - 1))
+                r["x2"].append(100 * (rates["plain2"] / rates["shard"] - 1))
+            m = {k: _median(v) for k, v in r.items()}
+            naive = f"{m['naive']:>7.1f}" if max_side else f"{'-':>7}"
+            head = f"    {name:<6}{str(max_side):>9}  {n_images:>6} {f'({n_rep}x)':<6}|"
+            lines.append(f"{head}{m['plain']:>7.1f}{m['plain2']:>7.1f}{m['shard']:>9.1f}{m['steady']:>9.1f}|"
+                         f"{m['e2e']:>10.1f}%{m['st']:>8.1f}%{m['x2']:>7.1f}% |{m['startup']:>8.1f}s{m['tail']:>5.1f}s|"
+                         f"{m['cpu']:>9.1f}%{naive}|")
+            fmt = lambda xs: " ".join(f"{x:.1f}%" for x in xs)  # noqa: E731
+            paired_lines.append(f"{head} end-to-end {fmt(r['e2e'])}; steady {fmt(r['st'])}")
+        lines += ["    overhead = plain / shard - 1 per core, per round against the plain run just before it; target <= 25%.",
+                  "    end-to-end: the whole shard run (planning, Ray Data start-up, shard work, markers, manifest).",
+                  "    steady: the images over the span from the first shard task's start to the last one's end",
+                  "    (ShardResult.work_seconds). start-up = job submission to the first task: two fresh worker",
+                  "    processes importing Ray Data (pandas included) and vitray, about 1.5 CPU-s each, a fixed",
+                  "    cost per run. tail = how long the first worker to finish waited for the last task.",
+                  "    x2 = the plain loop split over 2 processes (what 2 cores give without Ray); its overhead",
+                  "    column compares the shard run with it. CPU time counts every Ray process (driver, GCS,",
+                  "    raylet, workers) against the plain loop's. naive = plain loop with hash_bytes + a second",
+                  "    full-resolution decode for the re-encode (img/s). s3 = moto on loopback (in its own process,",
+                  "    sharing the cores; its CPU is excluded from CPU time).",
+                  "    Paired overheads per round:"] + paired_lines
         return "\n".join(lines)
     finally:
         pool.terminate()
@@ -432,11 +430,13 @@ def memory(tmp: str, store_mb: int = 100) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=3, help="corpus = the 462 photos this many times (part 1)")
-    ap.add_argument("--s3-repeat", type=int, default=None, help="the S3 corpus's repeat (default: --repeat)")
-    ap.add_argument("--target-mib", type=int, default=8, help="shard size of part 1, MiB")
+    ap.add_argument("--repeat", type=int, default=30,
+                    help="local corpus, original bytes kept = the 462 photos this many times (part 1)")
+    ap.add_argument("--reencode-repeat", type=int, default=10, help="local corpus of the re-encode rows")
+    ap.add_argument("--s3-repeat", type=int, default=5, help="the S3 corpus (moto is slow and holds it in memory)")
+    ap.add_argument("--target-mib", type=int, default=128, help="shard size of part 1, MiB (vitray's default)")
     ap.add_argument("--sources", default="local,s3", help="part 1 sources: local, s3 or both")
-    ap.add_argument("--reps", type=int, default=2, help="timed repetitions per cell (best is reported)")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved rounds per row (medians are reported)")
     ap.add_argument("--max-sides", default="none,256",
                     help="part 1 re-encode settings: none (keep the bytes) and/or a shorter-side cap")
     ap.add_argument("--skip-reader", action="store_true")
@@ -454,8 +454,8 @@ def main() -> None:
     sections = []
     try:
         max_sides = tuple(None if v.strip().lower() == "none" else int(v) for v in args.max_sides.split(","))
-        sections.append(throughput(photos, args.repeat, args.reps, tmp, args.s3_repeat, args.target_mib,
-                                   tuple(args.sources.split(",")), max_sides))
+        sections.append(throughput(photos, args.repeat, args.reencode_repeat, args.s3_repeat, args.reps, tmp,
+                                   args.target_mib, tuple(args.sources.split(",")), max_sides))
         print(sections[-1], flush=True)
         sys.path.insert(0, HERE)
         if args.skip_reader:

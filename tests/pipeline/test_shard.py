@@ -169,6 +169,7 @@ def test_resume_is_byte_identical_and_a_second_run_changes_nothing(ray_local, lo
     # the steady-state timing covers every input of a fresh run, inside the run's wall time
     assert first.read_now == first.counts["read"] == 19 and first.workers >= 1
     assert 0 < first.work_seconds and first.work_seconds + first.startup_seconds <= first.seconds
+    assert 0 <= first.tail_seconds <= first.work_seconds and "s tail" in first.summary()
     assert "of shard work" in first.summary()
     _damage(dst)
     resumed = shard.run_shard(cfg)

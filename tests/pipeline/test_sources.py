@@ -148,6 +148,48 @@ def test_partition_is_deterministic_and_respects_the_target():
     assert shard.partition(units, 10) == groups
 
 
+def test_large_inputs_end_in_finer_tasks():
+    MiB = shard.MiB
+    # Small inputs, or tail tasks under the floor: one task size, as before.
+    assert shard.fine_tail(4 * 128 * MiB, 128 * MiB) == (None, None)
+    assert shard.fine_tail(100 * 16 * MiB, 16 * MiB) == (None, None)
+    # The tail is the last tenth, but at least two full tasks, in tasks of 1/8.
+    assert shard.fine_tail(100 * 128 * MiB, 128 * MiB) == (16 * MiB, 90 * 128 * MiB)
+    assert shard.fine_tail(10 * 128 * MiB, 128 * MiB) == (16 * MiB, 8 * 128 * MiB)
+
+    units = [{"size": 1} for _ in range(100)]
+    groups = shard.partition(units, 10, 2, 81)  # the tail starts mid-group: that group closes there
+    assert [len(g) for g in groups] == [10] * 8 + [1] + [2] * 9 + [1]
+    assert sum(groups, []) == units  # every unit once, in order
+    # A unit bigger than its target is a task of its own, in either part.
+    big = [{"size": 5}, {"size": 30}, {"size": 5}, {"size": 5}, {"size": 9}, {"size": 1}]
+    assert [[u["size"] for u in g] for g in shard.partition(big, 20, 6, 40)] == [[5], [30], [5], [5], [9], [1]]
+
+
+def test_plan_of_a_large_input_ends_in_finer_tasks(local_store, photos, monkeypatch):
+    monkeypatch.setattr(shard, "MIN_TAIL_TASK_BYTES", 1)  # the real floor is 4 MiB: too big for a test corpus
+    files = {f"c{i % 3}/{i:03d}.jpg": photos[i % len(photos)]["image"] for i in range(120)}
+    src = local_store.put_tree("corpus", files)
+    total = sum(map(len, files.values()))
+    target = total // 12
+    plan = shard.plan_shards(_cfg(src, local_store, target_shard_bytes=target))
+    fine, fine_from = shard.fine_tail(total, target)
+    assert (fine, fine_from) == (target // 8, total - 2 * target)  # a tenth is under two full tasks
+    # Every file once, in listing order; tasks of the full target up to the tail, of 1/8 in it (a photo
+    # bigger than that is a task of its own); a task is in the tail when its first file starts there.
+    assert [u for t in plan.tasks for u in t["units"]] == sources.list_source(_cfg(src, local_store)).units
+    offset, tail = 0, []
+    for t in plan.tasks:
+        size = sum(u["size"] for u in t["units"])
+        in_tail = offset >= fine_from
+        assert in_tail or offset + size - t["units"][-1]["size"] < fine_from  # its files start before the tail
+        assert size <= (fine if in_tail else target) or len(t["units"]) == 1
+        tail.append(in_tail)
+        offset += size
+    assert tail == sorted(tail) and 8 <= sum(tail) <= 20 and 9 <= len(tail) - sum(tail) <= 13
+
+
+
 def test_encode_sample_hashes_equal_hash_bytes(photos, odd_and_bad):
     """The stored pHash/dHash are exactly hashes.hash_bytes(original), with or without re-encoding."""
     inputs = [p["image"] for p in photos] + [b for b, exp in odd_and_bad.values() if isinstance(exp, tuple)]

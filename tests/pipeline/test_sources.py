@@ -148,6 +148,14 @@ def test_partition_is_deterministic_and_respects_the_target():
     assert shard.partition(units, 10) == groups
 
 
+def test_small_inputs_are_cut_into_enough_tasks():
+    MiB = shard.MiB
+    assert shard.task_target(277 * MiB, 128 * MiB) == -(-277 * MiB // 16)  # 3 tasks would leave a worker idle
+    assert shard.task_target(16 * 128 * MiB, 128 * MiB) == 128 * MiB  # enough tasks: the target
+    assert shard.task_target(3 * MiB, 128 * MiB) == 4 * MiB  # never under the floor: one task
+    assert shard.task_target(10 * MiB, 300_000) == 300_000  # a target under the floor is kept
+
+
 def test_large_inputs_end_in_finer_tasks():
     MiB = shard.MiB
     # Small inputs, or tail tasks under the floor: one task size, as before.
@@ -167,7 +175,8 @@ def test_large_inputs_end_in_finer_tasks():
 
 
 def test_plan_of_a_large_input_ends_in_finer_tasks(local_store, photos, monkeypatch):
-    monkeypatch.setattr(shard, "MIN_TAIL_TASK_BYTES", 1)  # the real floor is 4 MiB: too big for a test corpus
+    monkeypatch.setattr(shard, "MIN_TASK_BYTES", 1)  # the real floor is 4 MiB: too big for a test corpus
+    monkeypatch.setattr(shard, "MIN_TASKS", 1)  # 12 tasks of the target, not 16 smaller ones
     files = {f"c{i % 3}/{i:03d}.jpg": photos[i % len(photos)]["image"] for i in range(120)}
     src = local_store.put_tree("corpus", files)
     total = sum(map(len, files.values()))

@@ -35,7 +35,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from vitray import storage
-from vitray.pipeline.schema import MANIFEST_NAME, checksum
+from vitray.pipeline.schema import MANIFEST_NAME, checksum, parse_manifest
 
 FORMAT = "vitray-checkpoint"
 FORMAT_VERSION = 1
@@ -281,9 +281,10 @@ def data_lineage(shards: str, exclude: list[str], dedup_indexes: list[str],
     ``clean_against`` lists the eval sets whose near-duplicates the applied exclusions
     removed, so any checkpoint can say which evaluations it is valid for.
     """
-    fs, path = storage.resolve(storage.join(shards, MANIFEST_NAME), options)
+    manifest_uri = storage.join(shards, MANIFEST_NAME)
+    fs, path = storage.resolve(manifest_uri, options)
     raw = storage.read_bytes(fs, path)
-    manifest = json.loads(raw)
+    manifest = parse_manifest(raw, manifest_uri)  # the one shard-manifest check (kind, schema version)
     out = {
         "corpus": {"uri": shards, "manifest_checksum": checksum(raw),
                    "samples": manifest.get("counts", {}).get("written"),
